@@ -1,0 +1,441 @@
+"""Tests for vigor.py: formulas against hand-checked values, gradient norms against a float64 autograd
+loop, the training loop end to end, resume after SIGKILL, and every bad input. Run: pytest -q"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import vigor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# small enough for a 2-core CPU: a short warm start, 4 prompts x G=4, 6 steps
+QUICK = {"warmstart_steps": 30, "steps": 6, "prompts_per_step": 4, "num_generations": 4, "save_every": 2,
+         "lr": 1e-4, "max_completion_length": 12,
+         "eval_data": [{"path": "synthetic", "split": "test", "answer_column": "answer", "limit": 16}]}
+TIMING = ("time/", "step_time", "gen/tokens_per_s")
+
+
+@pytest.fixture(scope="session")
+def out_dir(tmp_path_factory):
+    """One out_dir for the whole session, so the tiny model's warm start is built once."""
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+def quick(out_dir, **over):
+    return vigor.make_config({**QUICK, "out_dir": out_dir, **over})
+
+
+def cli(out_dir, **over):
+    args = [sys.executable, os.path.join(HERE, "vigor.py")]
+    for k, v in {**QUICK, "out_dir": out_dir, **over}.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
+    return args
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def tiny_model(tied, seed=0, vocab=37):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied, attn_implementation="eager")
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def padded_batch(vocab=37, seed=1):
+    """Right-padded rows of different prompt and completion lengths."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (6, 1), (2, 9), (4, 4), (5, 2)]  # (prompt, completion) lengths
+    L = max(p + c for p, c in shapes) + 2
+    ids, mask = torch.zeros(len(shapes), L, dtype=torch.long), torch.zeros(len(shapes), L, dtype=torch.long)
+    for i, (p, c) in enumerate(shapes):
+        ids[i, :p + c] = torch.randint(1, vocab, (p + c,), generator=g)
+        mask[i, p:p + c] = 1
+    return ids, mask
+
+
+def loop_norms_float64(model, ids, mask):
+    """Independent reference: one completion at a time, plain autograd, float64, no padding at all."""
+    m = type(model)(model.config).double().eval()
+    m.load_state_dict(model.state_dict())
+    for (n, p), (_, q) in zip(m.named_parameters(), model.named_parameters()):
+        p.requires_grad_(q.requires_grad)
+    out = []
+    for row, mrow in zip(ids, mask):
+        n = int(mrow.nonzero().max()) + 1
+        x, w = row[:n][None], mrow[1:n].double()
+        m.zero_grad()
+        logp = torch.log_softmax(m(input_ids=x).logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0]
+        (-(logp * w).sum() / w.sum()).backward()
+        out.append(math.sqrt(sum((p.grad ** 2).sum().item() for p in m.parameters() if p.grad is not None)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradient norms
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_grad_norms_match_float64_autograd_loop(tied):
+    model = tiny_model(tied)
+    ids, mask = padded_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = vigor.grad_norms(model, ids, mask)
+    want = loop_norms_float64(model, ids, mask)
+    assert got.dtype == torch.float32 and got.shape == (len(ids),)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=0), (got, want)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "parameters changed"
+    assert all(p.grad is None for p in model.parameters()), ".grad was left set"
+    assert not got.requires_grad, "the reward must be a constant (stop-gradient)"
+
+
+def test_grad_norms_chunked_equals_unchunked_and_padding_is_inert():
+    model = tiny_model(True)
+    ids, mask = padded_batch()
+    full = vigor.grad_norms(model, ids, mask)
+    assert torch.allclose(vigor.grad_norms(model, ids, mask, chunk_size=2), full, rtol=1e-5)
+    more_pad = torch.cat([ids, torch.full((len(ids), 7), 5)], 1)  # junk after the last real token
+    assert torch.allclose(vigor.grad_norms(model, more_pad, torch.cat([mask, torch.zeros_like(more_pad[:, :7])], 1)),
+                          full, rtol=1e-5)
+
+
+def test_grad_norms_over_trainable_parameters_only():
+    """LoRA-style: frozen parameters are constants, the norm is over the trainable ones."""
+    model = tiny_model(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" in name)
+    ids, mask = padded_batch()
+    got = vigor.grad_norms(model, ids, mask)
+    assert torch.allclose(got.double(), loop_norms_float64(model, ids, mask), rtol=1e-4)
+    model.requires_grad_(True)
+    assert (vigor.grad_norms(model, ids, mask) > got).all()
+
+
+def test_oom_is_retried_with_smaller_chunks(monkeypatch):
+    model = tiny_model(True)
+    ids, mask = padded_batch()
+    real, seen = vigor.grad_norms, []
+
+    def flaky(m, i, k, chunk_size=None):
+        seen.append(chunk_size)
+        if chunk_size > 2:
+            raise torch.OutOfMemoryError("forced")
+        return real(m, i, k, chunk_size)
+
+    monkeypatch.setattr(vigor, "grad_norms", flaky)
+    norms, chunk = vigor.grad_norms_no_oom(model, ids, mask, 8)
+    assert seen == [8, 4, 2] and chunk == 2
+    assert torch.allclose(norms, real(model, ids, mask), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# formulas
+# ---------------------------------------------------------------------------------------------------
+def test_vigor_scores_sqrt_t():
+    norms, lengths = torch.tensor([2.0, 3.0]), torch.tensor([4, 9])
+    assert torch.allclose(vigor.vigor_scores(norms, lengths), torch.tensor([-4.0, -9.0]))
+    assert torch.allclose(vigor.vigor_scores(norms, lengths, sqrt_t=False), torch.tensor([-2.0, -3.0]))
+    with pytest.raises(ValueError, match="T = 0"):
+        vigor.vigor_scores(norms, torch.tensor([0, 3]))
+
+
+def test_rank_rewards_hand_checked_with_ties():
+    # group 1: distinct; group 2: scores 3, 1, 2, 2 -> the tie (positions 2, 3) goes to the earlier one lower
+    scores = torch.tensor([0.5, -1.0, 2.0, 0.0, 3.0, 1.0, 2.0, 2.0])
+    want = torch.tensor([1 / 3, -1, 1, -1 / 3, 1, -1, -1 / 3, 1 / 3])
+    assert torch.allclose(vigor.rank_rewards(scores, 4), want)
+    assert torch.allclose(vigor.rank_rewards(torch.zeros(3), 3), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_group_advantages_hand_checked_and_zero_std():
+    r = torch.tensor([1.0, -1.0, 1 / 3, -1 / 3, 0.5, 0.5, 0.5, 0.5])
+    std = math.sqrt((1 + 1 + 1 / 9 + 1 / 9) / 3)  # unbiased
+    want = torch.tensor([1, -1, 1 / 3, -1 / 3]) / (std + 1e-4)
+    adv = vigor.group_advantages(r, 4)
+    assert torch.allclose(adv[:4], want) and torch.equal(adv[4:], torch.zeros(4))
+
+
+def test_identical_completions_share_their_reward():
+    rewards = torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])
+    out = vigor.share_identical(rewards, [[5, 1], [6, 1], [5, 1], [7, 1]], 4)
+    assert torch.allclose(out, torch.tensor([-1 / 3, -1 / 3, -1 / 3, 1.0]))
+    same = vigor.share_identical(rewards, [[5, 1]] * 4, 4)
+    assert torch.equal(vigor.group_advantages(same, 4), torch.zeros(4))
+
+
+def test_grpo_token_loss_kl_zero_at_reference_and_clipping():
+    logps = torch.log(torch.tensor([[0.5, 0.2]]))
+    loss, kl, clipped = vigor.grpo_token_loss(logps, logps, logps, torch.tensor([2.0]), 0.2, 0.2, beta=0.1)
+    assert torch.equal(kl, torch.zeros_like(kl)) and torch.allclose(loss, torch.tensor([[-2.0, -2.0]]))
+    # ratio 1.5 with A > 0 is clipped to 1.2; ratio 0.5 with A > 0 is not (min takes the unclipped)
+    old = logps - torch.log(torch.tensor([[1.5, 0.5]]))
+    loss, kl, clipped = vigor.grpo_token_loss(logps, old, logps + 0.3, torch.tensor([1.0]), 0.2, 0.2, beta=0.0)
+    assert torch.allclose(loss, torch.tensor([[-1.2, -0.5]])) and clipped.tolist() == [[True, False]]
+    want_kl = math.exp(0.3) - 0.3 - 1
+    assert torch.allclose(kl, torch.full_like(kl, want_kl))
+
+
+def test_grpo_step_changes_parameters_and_lowers_loss():
+    model = tiny_model(False).train()
+    ids, mask = padded_batch()
+    m, adv = mask[:, 1:].float(), torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0])
+    with torch.no_grad():
+        old = vigor.policy_logps(model, ids, 1.0)[0]
+
+    def loss():
+        per_token = vigor.grpo_token_loss(vigor.policy_logps(model, ids, 1.0)[0], old, old, adv, 0.2, 0.2, 0.01)[0]
+        return (per_token * m).sum() / m.sum()
+
+    before_params = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    l0 = loss()
+    l0.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before_params, model.parameters()))
+    assert loss().item() < l0.item()
+
+
+def test_all_identical_group_causes_no_update(monkeypatch, out_dir):
+    """G identical completions: whatever ranks the tie rule gives, advantages and the update are zero."""
+    cfg = quick(out_dir, beta=0.0)
+    model, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    prompt = tok("3+4=")["input_ids"]
+    completion = tok("7")["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prompt + completion] * 4)
+    mask = torch.tensor([[0] * len(prompt) + [1] * len(completion)] * 4)
+    ro = vigor.Rollouts(ids, mask, torch.full((4,), len(completion)), torch.zeros(4, dtype=torch.bool), ["7"] * 4,
+                        [0] * 4)
+    monkeypatch.setattr(vigor, "sample_groups", lambda *a, **k: ro)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics, _, rw = vigor.rl_step(cfg, model, model, tok, opt, sched, ["3+4="], ["7"])
+    assert torch.equal(rw["advantage"], torch.zeros(4))
+    assert metrics["frac_reward_zero_std"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_truncated_completions_can_be_left_out_of_the_loss(monkeypatch, out_dir):
+    cfg = quick(out_dir, mask_truncated_completions=True, beta=0.0)
+    model, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    ids, mask = padded_batch(vocab=len(tok))
+    ro = vigor.Rollouts(ids[:4], mask[:4], mask[:4].sum(1), torch.ones(4, dtype=torch.bool), ["a", "b", "c", "d"],
+                        [0] * 4)
+    monkeypatch.setattr(vigor, "sample_groups", lambda *a, **k: ro)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics, _, rw = vigor.rl_step(cfg, model, model, tok, opt, sched, ["x"], None)
+    assert (rw["advantage"] != 0).any(), "the rewards differ, only the mask may stop the update"
+    assert metrics["completions/clipped_ratio"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# data, grading, models
+# ---------------------------------------------------------------------------------------------------
+def test_grading_synthetic_gsm8k_and_boxed():
+    assert vigor.is_correct("12,9,11", "11") and not vigor.is_correct("12,9,10", "11")
+    assert vigor.extract_answer("12,9,11") == "11"
+    assert vigor.is_correct("so she pays 1,000 dollars", "She pays 500*2 = 1000\n#### 1,000")
+    assert vigor.is_correct("The answer is $\\boxed{\\frac{1}{2}}$.", "\\boxed{\\dfrac{1}{2}}")
+    assert vigor.extract_answer("\\boxed{x^{2}+1}") == "x^{2}+1"
+    assert not vigor.is_correct("no number here", "#### 4")
+    for row in vigor.synthetic_split("test")[:50]:  # a gold solution grades as correct against its answer
+        assert vigor.is_correct(row["solution"], row["answer"])
+
+
+def test_synthetic_test_split_is_held_out():
+    train = {r["prompt"] for r in vigor.synthetic_split("train")}
+    assert not train & {r["prompt"] for r in vigor.synthetic_split("test")}
+
+
+def test_local_files_any_format_and_column_errors(tmp_path):
+    rows = [{"question": "1+2=", "gold": "3"}, {"question": "4-1=", "gold": "3"}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "p.csv").write_text("question,gold\n1+2=,3\n4-1=,3\n")
+    for path in (jsonl, tmp_path / "p.csv"):
+        prompts, answers = vigor.load_prompts({"path": str(path), "prompt_column": "question", "answer_column": "gold"})
+        assert prompts == ["1+2=", "4-1="] and answers == ["3", "3"]
+    with pytest.raises(vigor.DataError, match=r"column 'problem' not in .*\['question', 'gold'\]"):
+        vigor.load_prompts({"path": str(jsonl), "prompt_column": "problem"})
+    with pytest.raises(vigor.DataError, match="dataset file not found"):
+        vigor.load_prompts({"path": str(tmp_path / "missing.jsonl")})
+    (tmp_path / "empty.csv").write_text("question,gold\n")
+    with pytest.raises(vigor.DataError, match="no rows|could not load"):
+        vigor.load_prompts({"path": str(tmp_path / "empty.csv"), "prompt_column": "question"})
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+2="\n')
+    with pytest.raises(vigor.DataError, match="could not load"):
+        vigor.load_prompts({"path": str(tmp_path / "bad.jsonl"), "prompt_column": "question"})
+
+
+def test_from_pretrained_folder_and_missing_folder(tmp_path, out_dir):
+    cfg = quick(out_dir)
+    model = tiny_model(False, vocab=len(vigor.char_tokenizer()))
+    model.save_pretrained(tmp_path / "m")
+    vigor.char_tokenizer().save_pretrained(tmp_path / "m")
+    loaded, tok = vigor.load_model(str(tmp_path / "m"), cfg, torch.device("cpu"), torch.float32)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight) and tok.decode(tok("7+5=")["input_ids"]) == "7+5="
+    with pytest.raises(vigor.ConfigError, match="model folder not found"):
+        vigor.load_model(str(tmp_path / "nope"), cfg, torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------------
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1e-5\nnum_generations: 4\ntrain_data: {path: x.jsonl, prompt_column: q}\n")
+    cfg = vigor.load_config(["--config", str(f), "--num_generations", "6", "--sqrt_t=false"])
+    assert cfg.lr == 1e-5 and cfg.num_generations == 6 and cfg.sqrt_t is False
+    assert cfg.train_data == {"path": "x.jsonl", "prompt_column": "q"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus", "1"], "unknown setting.*valid settings: run_name"),
+    (["--num_generations", "two"], "must be int"),
+    (["--num_generations", "1"], "must be >= 2"),
+    (["--lr", "-0.1"], "lr must be > 0"),
+    (["--top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+    (["--reward", "magic"], "reward must be one of"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--train_data", "{prompt_column: q}"], "must be a mapping with 'path'"),
+    (["--steps"], "needs a value"),
+])
+def test_config_errors_are_clear(args, message):
+    with pytest.raises(vigor.ConfigError, match=message):
+        vigor.load_config(args)
+
+
+def test_malformed_config_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("lr: [1,\n")
+    with pytest.raises(vigor.ConfigError, match="not valid YAML"):
+        vigor.load_config(["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(vigor.ConfigError, match="must hold a mapping"):
+        vigor.load_config(["--config", str(tmp_path / "list.yaml")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole run
+# ---------------------------------------------------------------------------------------------------
+def test_main_job_end_to_end_writes_the_run_folder(out_dir):
+    proc = subprocess.run(cli(out_dir, run_name="e2e"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "before RL" in proc.stdout and "after RL" in proc.stdout
+    run = os.path.join(out_dir, "e2e")
+    assert {"config.json", "metrics.jsonl", "completions.jsonl", "final", "latest", "checkpoint-6"} <= set(os.listdir(run))
+    metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    steps = [m for m in metrics if "kl" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "learning_rate", "step_time",
+                "time/generate", "time/reward", "time/update", "time/reference", "vigor/grad_norm_raw"):
+        assert all(math.isfinite(m[key]) for m in steps), key
+    assert "eval/synthetic/accuracy" in metrics[0] and metrics[-1].get("final")
+    comp = read_jsonl(os.path.join(run, "completions.jsonl"))
+    assert len(comp) == 6 * 4 * 4 and {"grad_norm", "score", "reward", "advantage", "correct"} <= set(comp[0])
+    assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
+
+
+def test_same_seed_same_metrics(out_dir):
+    a = vigor.train(quick(out_dir, run_name="det_a", steps=3))
+    b = vigor.train(quick(out_dir, run_name="det_b", steps=3))
+    ma, mb = (read_jsonl(os.path.join(out_dir, n, "metrics.jsonl")) for n in ("det_a", "det_b"))
+    assert without_timing(ma) == without_timing(mb) and a["after"] == b["after"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(out_dir):
+    over = dict(steps=8, save_every=2, log_completions_every=1)
+    full = subprocess.run(cli(out_dir, run_name="whole", **over), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = os.path.join(out_dir, "killed")
+    proc = subprocess.Popen(cli(out_dir, run_name="killed", **over), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and vigor.latest_checkpoint(run) is None:  # kill once a checkpoint exists
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = vigor.latest_checkpoint(run)
+    assert killed_at is not None and not killed_at.endswith("checkpoint-8"), "the kill came too late to test resume"
+    again = subprocess.run(cli(out_dir, run_name="killed", **over), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        want, got = (read_jsonl(os.path.join(out_dir, r, name)) for r in ("whole", "killed"))
+        assert without_timing(got) == without_timing(want), name
+
+
+def test_partial_checkpoint_write_leaves_previous_usable(out_dir, capsys):
+    cfg = quick(out_dir, run_name="partial", steps=2, save_every=1)
+    first = vigor.train(cfg)
+    run = os.path.join(out_dir, "partial")
+    os.makedirs(os.path.join(run, "checkpoint-3.tmp"))  # as if killed while writing a later checkpoint
+    open(os.path.join(run, "checkpoint-3.tmp", "model.safetensors"), "w").write("garbage")
+    assert vigor.latest_checkpoint(run).endswith("checkpoint-2")
+    again = vigor.train(cfg)  # resumes at step 2 of 2: nothing to redo, the same final model evaluated again
+    assert "resuming" in capsys.readouterr().out and again["after"] == first["after"]
+
+
+def test_existing_run_folder_is_never_overwritten(out_dir):
+    vigor.prepare_run_dir(quick(out_dir, run_name="guard"))
+    with pytest.raises(vigor.ConfigError, match="other settings \\(lr\\)"):
+        vigor.prepare_run_dir(quick(out_dir, run_name="guard", lr=0.5))
+    with pytest.raises(vigor.ConfigError, match="resume is off"):
+        vigor.prepare_run_dir(quick(out_dir, run_name="guard", resume=False))
+    os.makedirs(os.path.join(out_dir, "stranger"))
+    open(os.path.join(out_dir, "stranger", "notes.txt"), "w").write("mine")
+    with pytest.raises(vigor.ConfigError, match="not a vigor run folder"):
+        vigor.prepare_run_dir(quick(out_dir, run_name="stranger"))
+
+
+def test_nan_rewards_are_skipped_then_the_run_stops(monkeypatch, out_dir):
+    monkeypatch.setattr(vigor, "grad_norms", lambda m, i, k, c=None: torch.full((len(i),), float("nan")))
+    with pytest.raises(vigor.BadStepError, match="3 steps in a row were skipped .*grad_norm.*NaN"):
+        vigor.train(quick(out_dir, run_name="nan", max_bad_steps=3))
+    rows = read_jsonl(os.path.join(out_dir, "nan", "metrics.jsonl"))
+    assert [r["skipped_steps"] for r in rows if "skipped" in r] == [1, 2]  # the third raised before logging
+
+
+def test_nan_loss_skips_the_step_without_touching_parameters(monkeypatch, out_dir):
+    cfg = quick(out_dir, run_name="nanloss")
+    real = vigor.grpo_token_loss
+    monkeypatch.setattr(vigor, "grpo_token_loss", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
+    model, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(vigor.BadStepError, match="NaN"):
+        vigor.rl_step(cfg, model, model, tok, opt, sched, ["3+4=", "1-1="], None)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_long_prompts_are_skipped_and_counted(tmp_path, out_dir, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["1+2=", "9" * 40 + "=", "4-1="]))
+    cfg = quick(out_dir, run_name="long", steps=1, max_prompt_length=10,
+                train_data={"path": str(data), "answer_column": ""})
+    vigor.train(cfg)
+    assert "2 training prompts (1 skipped" in capsys.readouterr().out
+    with pytest.raises(vigor.DataError, match="longer than max_prompt_length"):
+        vigor.train(quick(out_dir, run_name="long2", max_prompt_length=2, train_data={"path": str(data)}))
+
+
+def test_cli_reports_errors_without_traceback(out_dir):
+    proc = subprocess.run(cli(out_dir, run_name="bad", top_p=2), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: top_p must be in (0, 1]")

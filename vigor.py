@@ -1,0 +1,939 @@
+"""VIGOR in one file: reinforcement learning for language models with no verifier and no gold answers.
+
+The reward of a sampled completion y of prompt x is how *small* the gradient of its own teacher-forced
+NLL is under the current parameters (paper: "Verifier-Free RL for LLMs via Intrinsic Gradient-Norm
+Reward", arXiv 2605.09920). Per step:
+
+    sample G completions per prompt                       rollouts        (sample_groups)
+    g_i = grad_theta (1/T_i) sum_t -log p(y_t | x, y_<t)  per completion  (grad_norms, torch.func)
+    S_i = -sqrt(T_i) * ||g_i||_2                          length fix      (vigor_scores)
+    R_i = 2 * rank_i / (G - 1) - 1                        rank shaping    (rank_rewards)
+    A_i = (R_i - mean R) / (std R + 1e-4)                 GRPO advantage  (group_advantages)
+    loss = -min(r A, clip(r) A) + beta * KL_k3(pi || ref) clipped update  (grpo_token_loss)
+
+The reward is a constant for the update (stop-gradient): no second-order terms.
+
+What is simplified compared with the authors' code (open-r1 + a TRL fork), and why:
+- One process, one device, Hugging Face `generate` batched over every group of a step; no vLLM or
+  DeepSpeed, so the whole algorithm reads top to bottom.
+- Gradient norms come from `torch.func` (vmap over per-sample grads) instead of a Python loop of
+  `autograd.grad` calls; squares are summed in float32 (the authors summed in bf16).
+- Identical completions inside a group share the mean of their rank rewards: the authors' tie rule
+  (by position) would push the same text both up and down. With all G identical the update is zero.
+- Completions cut at the length limit are scored like any other, as the authors do (T = the limit);
+  `mask_truncated_completions` leaves them out of the loss instead (TRL's option).
+- The default run is a tiny Qwen2-architecture model on a synthetic arithmetic task so it finishes on
+  a laptop CPU in minutes; the same code trains Qwen2.5 on MATH by changing the config.
+
+Run `python vigor.py --help` for every setting; README.md explains every printed number.
+"""
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from torch.func import functional_call, grad, vmap
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------
+def arg(default, help):
+    """A setting with its documentation (printed by `python vigor.py --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+SYNTHETIC_TRAIN = {"path": "synthetic", "split": "train", "prompt_column": "prompt", "answer_column": "answer"}
+SYNTHETIC_TEST = {"path": "synthetic", "split": "test", "prompt_column": "prompt", "answer_column": "answer",
+                  "limit": 500}
+
+
+@dataclass
+class Config:
+    # run
+    run_name: str = arg("vigor", "run folder name, under out_dir")
+    out_dir: str = arg("runs", "where run folders (and the tiny model's warm-start cache) are written")
+    resume: bool = arg(True, "continue an existing run folder from its last checkpoint; false: refuse to touch it")
+    seed: int = arg(7, "seed for sampling, data order and initialisation (authors: 7)")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    # model
+    model: str = arg("tiny", "'tiny' (built here, warm-started on the synthetic task), a local folder or a hub name")
+    tiny_model_config: str = arg("tiny_configs/tiny_qwen2.json", "Qwen2 architecture of the tiny model")
+    warmstart_steps: int = arg(2000, "supervised steps that give the tiny model some competence (gold answers used)")
+    warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start")
+    attn_implementation: str = arg("eager", "eager | sdpa: attention kernel; both work under torch.func with no mask, eager has vmap batching rules on CPU")
+    trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
+    # data
+    train_data: dict = arg(SYNTHETIC_TRAIN, "prompts for RL: {path, name, split, prompt_column, answer_column, "
+                           "limit}; path is 'synthetic', a .json/.jsonl/.csv/.parquet file, a folder or a hub name; "
+                           "answers (optional) are used for monitoring only")
+    eval_data: list = arg([SYNTHETIC_TEST], "held-out sets graded with their answer_column, same keys as train_data")
+    system_prompt: str = arg("", "system message, used when the tokenizer has a chat template")
+    max_prompt_length: int = arg(512, "prompts with more tokens are skipped and counted (authors: 512)")
+    # rollouts
+    num_generations: int = arg(8, "G: completions per prompt (authors: 8); at least 2")
+    prompts_per_step: int = arg(8, "prompts per RL step; the step trains on prompts_per_step * G completions")
+    max_completion_length: int = arg(24, "new tokens at most (authors: 1024 for 3B)")
+    temperature: float = arg(0.9, "sampling temperature (authors: 0.9)")
+    top_k: int = arg(50, "top-k sampling, 0 = off (authors: 50)")
+    top_p: float = arg(1.0, "nucleus sampling, in (0, 1] (authors: 1.0)")
+    generation_batch_size: int = arg(0, "prompts per generate call, 0 = all prompts of the step in one call")
+    # reward
+    reward: str = arg("vigor", "vigor | self_certainty (INTUITOR) | gt (gold-answer correctness, needs answers)")
+    sqrt_t: bool = arg(True, "vigor: multiply ||g|| by sqrt(T) (paper's length correction; false = ablation)")
+    rank: bool = arg(True, "vigor: rank-shape scores to [-1, 1] inside each group (false = ablation)")
+    grad_chunk_size: int = arg(0, "completions per vmap chunk in grad_norms, 0 = chosen from free memory")
+    # GRPO
+    steps: int = arg(150, "RL steps (one batch of prompts each)")
+    lr: float = arg(1e-5, "policy learning rate (authors: 2e-6 for Qwen2.5-3B)")
+    beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)")
+    epsilon: float = arg(0.2, "lower clip of the ratio: 1 - epsilon (authors: 0.2)")
+    epsilon_high: float = arg(0.2, "upper clip of the ratio: 1 + epsilon_high")
+    num_iterations: int = arg(1, "optimiser steps per batch of rollouts (authors: 1 for 3B, 3 for 7B)")
+    loss_type: str = arg("bnpo", "bnpo: token sum / tokens in the batch (authors) | grpo: mean per sequence")
+    mask_truncated_completions: bool = arg(False, "leave completions cut at the length limit out of the loss")
+    micro_batch_size: int = arg(64, "sequences per forward/backward in the update (memory knob only)")
+    max_grad_norm: float = arg(1.0, "clip the update's gradient norm")
+    warmup_ratio: float = arg(0.1, "linear warmup fraction of the cosine schedule (authors: 0.1)")
+    # logging, evaluation, checkpoints
+    eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)")
+    eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation")
+    save_every: int = arg(10, "write a checkpoint every N steps (and at the end)")
+    log_completions_every: int = arg(1, "write every sampled completion of every Nth step to completions.jsonl")
+    max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf reward, loss or gradient")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class DataError(ValueError):
+    pass
+
+
+DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
+CHOICES = {"reward": ("vigor", "self_certainty", "gt"), "loss_type": ("bnpo", "grpo"),
+           "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager")}
+
+
+def _typed(name, kind, value, from_cli):
+    """Convert one setting to its field's type, or raise a ConfigError naming what was expected."""
+    if from_cli and kind is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{name}: cannot parse {value!r}: {e}") from None
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"setting {name!r} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def make_config(values: dict, from_cli=()) -> Config:
+    """Config from a {name: value} dict; unknown names, wrong types and bad values are ConfigErrors."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; valid settings: {', '.join(kinds)}")
+    cfg = Config(**{k: _typed(k, kinds[k], v, k in from_cli) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config):
+    checks = [
+        (cfg.num_generations >= 2, "num_generations (G) must be >= 2: GRPO compares completions within a group"),
+        (cfg.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
+        (cfg.steps >= 0, "steps must be >= 0"),
+        (cfg.lr > 0, "lr must be > 0"),
+        (cfg.warmstart_lr > 0 and cfg.warmstart_steps >= 0, "warmstart_lr must be > 0, warmstart_steps >= 0"),
+        (cfg.beta >= 0, "beta must be >= 0"),
+        (cfg.epsilon > 0 and cfg.epsilon_high > 0, "epsilon and epsilon_high must be > 0"),
+        (cfg.temperature > 0, "temperature must be > 0"),
+        (0 < cfg.top_p <= 1, "top_p must be in (0, 1]"),
+        (cfg.top_k >= 0, "top_k must be >= 0"),
+        (cfg.max_completion_length >= 1 and cfg.max_prompt_length >= 1, "length limits must be >= 1"),
+        (cfg.num_iterations >= 1, "num_iterations must be >= 1"),
+        (cfg.micro_batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1"),
+        (cfg.max_grad_norm > 0, "max_grad_norm must be > 0"),
+        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+        (min(cfg.grad_chunk_size, cfg.generation_batch_size, cfg.eval_every, cfg.save_every) >= 0,
+         "grad_chunk_size, generation_batch_size, eval_every and save_every must be >= 0"),
+        (cfg.log_completions_every >= 0 and cfg.max_bad_steps >= 1, "log_completions_every >= 0, max_bad_steps >= 1"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
+        (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
+    ]
+    checks += [(getattr(cfg, k) in v, f"{k} must be one of {v}") for k, v in CHOICES.items()]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for spec in [cfg.train_data, *cfg.eval_data]:
+        if not isinstance(spec, dict) or "path" not in spec or set(spec) - DATA_KEYS:
+            raise ConfigError(f"a data setting must be a mapping with 'path' and keys from {sorted(DATA_KEYS)}, "
+                              f"got {spec!r}")
+
+
+def load_config(argv=None) -> Config:
+    """Defaults <- `--config FILE` (YAML) <- `--key value` overrides."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    pairs = []
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--"):
+            raise ConfigError(f"expected --setting value, got {key!r}")
+        key, _, value = key[2:].partition("=")
+        if not value:
+            if not args:
+                raise ConfigError(f"--{key} needs a value")
+            value = args.pop(0)
+        pairs.append((key, value))
+    values = {}
+    for key, path in [p for p in pairs if p[0] == "config"]:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(open(path)) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+    cli = {k: v for k, v in pairs if k != "config"}
+    return make_config({**values, **cli}, from_cli=set(cli))
+
+
+def usage() -> str:
+    lines = ["usage: python vigor.py [--config FILE] [--setting value ...]", ""]
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name} ({f.type.__name__}, default {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the synthetic task, prompt loading through `datasets`, answer grading
+# ----------------------------------------------------------------------------------------------------
+def synthetic_problems(n, seed, exclude=frozenset()):
+    """Chains of 2-4 one-digit additions/subtractions; the gold completion lists the running totals.
+    "7+5-3=" -> "12,9": a multi-step task whose completions vary in length and correctness."""
+    rng, rows, seen = random.Random(seed), [], set(exclude)
+    while len(rows) < n:
+        k = rng.randint(2, 4)
+        nums, ops = [rng.randint(0, 9) for _ in range(k)], [rng.choice("+-") for _ in range(k - 1)]
+        prompt = str(nums[0]) + "".join(o + str(x) for o, x in zip(ops, nums[1:])) + "="
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        totals = [nums[0]]
+        for o, x in zip(ops, nums[1:]):
+            totals.append(totals[-1] + x if o == "+" else totals[-1] - x)
+        rows.append({"prompt": prompt, "solution": ",".join(map(str, totals[1:])), "answer": str(totals[-1])})
+    return rows
+
+
+def synthetic_split(split):
+    """The task is fixed (not seeded by the run) so every run shares one warm start; test excludes train."""
+    train = synthetic_problems(2000, seed=1234)
+    if split == "train":
+        return train
+    return synthetic_problems(1000, seed=4321, exclude={r["prompt"] for r in train})
+
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(spec: dict):
+    """A `datasets.Dataset` from a data setting: 'synthetic', a local file or folder, or a hub name."""
+    import datasets
+    path, split = spec["path"], spec.get("split", "train")
+    if path == "synthetic":
+        return datasets.Dataset.from_list(synthetic_split(split))
+    builder = FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+    try:
+        if builder:
+            if not os.path.isfile(path):
+                raise DataError(f"dataset file not found: {path}")
+            return datasets.load_dataset(builder, data_files=path, split="train")
+        return datasets.load_dataset(path, spec.get("name"), split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the path and the cause
+        where = "local folder" if os.path.isdir(path) else "file" if builder else "hub dataset (needs network)"
+        raise DataError(f"could not load {where} {path!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+def load_prompts(spec: dict):
+    """(prompts, answers or None) from a data setting; missing columns and empty sets are DataErrors."""
+    ds = load_rows(spec)
+    prompt_col, answer_col = spec.get("prompt_column", "prompt"), spec.get("answer_column") or None
+    for col in (prompt_col, answer_col):
+        if col and col not in ds.column_names:
+            raise DataError(f"column {col!r} not in {spec['path']}: its columns are {ds.column_names}")
+    if spec.get("limit"):
+        ds = ds.select(range(min(int(spec["limit"]), len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"dataset {spec['path']} (split {spec.get('split', 'train')!r}) has no rows")
+    prompts = [str(p) for p in ds[prompt_col]]
+    return prompts, ([str(a) for a in ds[answer_col]] if answer_col else None)
+
+
+def format_prompt(tokenizer, question, system_prompt=""):
+    """Chat template with the system prompt when the tokenizer has one, else plain text."""
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{system_prompt}\n{question}" if system_prompt else question
+
+
+def extract_answer(text):
+    """The final answer of a completion or gold solution: the last \\boxed{...} (MATH), else what follows
+    '####' (GSM8K), else the last number (the synthetic task). None when there is none."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j]
+        return None
+    if "####" in text:
+        return text.split("####")[-1].strip()
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000, but 12,9 stays two numbers
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_answer(answer):
+    s = re.sub(r"\\text\{(.*?)\}|\\[!,;: ]|\$|\s", r"\1", answer).rstrip(".")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace(",", "")
+    try:
+        return repr(float(s))
+    except ValueError:
+        return s
+
+
+def is_correct(completion, gold):
+    pred, target = extract_answer(completion), extract_answer(gold)
+    return pred is not None and target is not None and normalize_answer(pred) == normalize_answer(target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: a tiny Qwen2 with a character tokenizer (warm-started and cached), or from_pretrained
+# ----------------------------------------------------------------------------------------------------
+def char_tokenizer():
+    """One token per character (printable ASCII and newline) plus <pad>, <eos>, <unk>."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = ["<pad>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def pad_right(rows, pad_id):
+    """[B, L] tensor from lists of token ids, padded on the right."""
+    out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def tiny_base_model(cfg: Config) -> str:
+    """Folder of the warm-started tiny model: built once, cached under out_dir, keyed by what shapes it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    arch_path = cfg.tiny_model_config if os.path.isfile(cfg.tiny_model_config) else \
+        os.path.join(HERE, cfg.tiny_model_config)
+    if not os.path.isfile(arch_path):
+        raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
+    arch = json.load(open(arch_path))
+    key = hashlib.sha256(json.dumps([arch, cfg.warmstart_steps, cfg.warmstart_lr]).encode()).hexdigest()[:12]
+    folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    tok = char_tokenizer()
+    torch.manual_seed(0)  # the warm start is the "base model": the same for every RL seed
+    model = Qwen2ForCausalLM(Qwen2Config(**arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    rows, rng = synthetic_split("train"), random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr)
+    for step in range(cfg.warmstart_steps):
+        batch = rng.sample(rows, 64)
+        prompts = [tok(r["prompt"])["input_ids"] for r in batch]
+        seqs = [p + tok(r["solution"])["input_ids"] + [tok.eos_token_id] for p, r in zip(prompts, batch)]
+        ids = pad_right(seqs, tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            mask[i, len(p):len(s)] = 1
+        logp = token_logps(model(input_ids=ids).logits, ids)
+        loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        for g in opt.param_groups:
+            g["lr"] = cfg.warmstart_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.warmstart_steps))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tmp = folder + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_model(path_or_name: str, cfg: Config, device, dtype):
+    """(model, tokenizer) through `from_pretrained`, from a local folder or the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    looks_local = path_or_name.startswith((".", "/", "~")) or path_or_name.count("/") > 1
+    if looks_local and not os.path.isdir(path_or_name):
+        raise ConfigError(f"model folder not found: {path_or_name}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                     attn_implementation=cfg.attn_implementation)
+    except OSError as e:
+        raise ConfigError(f"could not load model {path_or_name!r} (a local folder, or a hub name with network): {e}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # dropout would make the gradient norm random; the tiny model and Qwen2.5 have none, eval() makes sure
+    return model.to(device).eval(), tok
+
+
+def stop_token_ids(model, tok):
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return sorted(ids | {tok.eos_token_id})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts: G sampled completions per prompt, all groups of a step batched together
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Rollouts:
+    input_ids: torch.Tensor   # [N, L] prompt + completion, right-padded (N = prompts * G, groups consecutive)
+    loss_mask: torch.Tensor   # [N, L] 1 on completion tokens (the EOS included, as the authors count it)
+    lengths: torch.Tensor     # [N] T, completion tokens
+    truncated: torch.Tensor   # [N] bool, hit max_new_tokens without an EOS
+    completions: list         # [N] decoded text, EOS dropped
+    prompt_index: list        # [N] which prompt of the batch
+
+
+@torch.no_grad()
+def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_prompts=0, greedy=False,
+                  temperature=1.0, top_k=0, top_p=1.0) -> Rollouts:
+    from transformers import GenerationConfig
+    stops = stop_token_ids(model, tok)
+    # a fresh GenerationConfig: hub models ship defaults (repetition penalty, top_p) we must not inherit
+    gen = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                           eos_token_id=stops, num_return_sequences=num_generations,
+                           **({} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)))
+    tok.padding_side = "left"
+    seqs, masks, lengths, truncated, texts, index = [], [], [], [], [], []
+    step = batch_prompts or len(prompts)
+    for start in range(0, len(prompts), step):
+        enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        out = model.generate(**enc, generation_config=gen).cpu()
+        width = enc["input_ids"].shape[1]
+        for row, new in enumerate(out[:, width:].tolist()):
+            p = row // num_generations
+            prompt = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
+            ends = [i for i, t in enumerate(new) if t in stops]
+            completion = new[:ends[0] + 1] if ends else new
+            seqs.append(prompt + completion)
+            masks.append([0] * len(prompt) + [1] * len(completion))
+            lengths.append(len(completion))
+            truncated.append(not ends)
+            texts.append(tok.decode(completion[:-1] if ends else completion, skip_special_tokens=True))
+            index.append(start + p)
+    return Rollouts(pad_right(seqs, tok.pad_token_id), pad_right(masks, 0), torch.tensor(lengths),
+                    torch.tensor(truncated), texts, index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards
+# ----------------------------------------------------------------------------------------------------
+def token_logps(logits, input_ids):
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) in float32: [B, L-1]."""
+    logits = logits[:, :-1].float()
+    return logits.gather(-1, input_ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+
+
+def grad_norms(model, input_ids, loss_mask, chunk_size=None):
+    """||grad_theta l(x, y)||_2 for each row, with l = (1/T) sum_{t: mask=1} -log p(y_t | y_<t).
+
+    torch.func: `grad` of one sequence's loss through `functional_call`, `vmap`ped over the batch, so
+    the B per-sample gradients are exact (no cross-talk) and only `chunk_size` of them exist at once.
+    Right padding needs no attention mask (pads come after every real token and carry no loss).
+    Parameters with requires_grad=False (a frozen body under LoRA) are constants. Returns float32 [B].
+    """
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    frozen.update(dict(model.named_buffers()))
+
+    def mean_nll(p, ids, mask):  # one sequence: ids, mask [L]
+        logits = functional_call(model, (p, frozen), (ids[None],), {"use_cache": False}).logits
+        w = mask[1:].float()
+        return -(token_logps(logits, ids[None])[0] * w).sum() / w.sum().clamp(min=1)
+
+    def squared_norm(p, ids, mask):
+        return sum((g.float() ** 2).sum() for g in grad(mean_nll)(p, ids, mask).values())
+
+    per_row = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
+    return per_row(params, input_ids, loss_mask).sqrt()
+
+
+def vigor_scores(norms, lengths, sqrt_t=True):
+    """S = -sqrt(T) * ||g||  (paper's length correction: raw ||g|| of a token mean shrinks ~ 1/sqrt(T)).
+    With sqrt_t=False, S = -||g|| (the "w/o sqrt(T)" ablation). Lower norm -> higher score."""
+    if (lengths <= 0).any():
+        raise ValueError("vigor_scores: a completion has T = 0 tokens; it has no token-mean NLL "
+                         "(sampled completions always count their EOS, so T >= 1)")
+    return -(lengths.float().sqrt() * norms if sqrt_t else norms)
+
+
+def rank_rewards(scores, group_size):
+    """R_i = 2 * rank_i / (G - 1) - 1 per consecutive group of G; rank 0 = lowest score (R = -1), G-1 = best
+    (R = +1). Ties go by position, as the authors do: stable argsort twice, the earlier sample ranks lower."""
+    s = scores.view(-1, group_size)
+    ranks = s.argsort(dim=1, stable=True).argsort(dim=1, stable=True).float()
+    return (2 * ranks / (group_size - 1) - 1).view(-1)
+
+
+def share_identical(rewards, completion_ids, group_size):
+    """Identical completions in a group get the mean of their rewards: the same text must not be pushed
+    both up and down by a tie rule. If all G are identical, every advantage (hence the update) is zero."""
+    out = rewards.clone()
+    for g in range(len(completion_ids) // group_size):
+        same = defaultdict(list)
+        for i in range(g * group_size, (g + 1) * group_size):
+            same[tuple(completion_ids[i])].append(i)
+        for idx in same.values():
+            out[idx] = rewards[idx].mean()
+    return out
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """A_i = (R_i - mean_group R) / (std_group R + eps), unbiased std (GRPO). Equal rewards -> A = 0."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def self_certainty(model, input_ids, loss_mask):
+    """INTUITOR's score: mean over completion tokens of logsumexp(logits) - mean(logits) (KL(U || p) + log V)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    per_token = logits.logsumexp(-1) - logits.mean(-1)
+    w = loss_mask[:, 1:].float()
+    return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def auto_chunk_size(model, n):
+    """How many per-sample gradients fit in half the free memory (3 copies each: grad, square, vmap)."""
+    per_sample = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    device = next(model.parameters()).device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+        os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(n, int(free * 0.5 // per_sample)))
+
+
+def grad_norms_no_oom(model, input_ids, loss_mask, chunk_size):
+    """grad_norms, halving the vmap chunk after an out-of-memory error instead of losing the run."""
+    while True:
+        try:
+            return grad_norms(model, input_ids, loss_mask, chunk_size), chunk_size
+        except torch.OutOfMemoryError:
+            if chunk_size <= 1:
+                raise
+            chunk_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"grad_norms: out of memory, retrying with chunk_size={chunk_size}", file=sys.stderr)
+
+
+def compute_rewards(cfg, policy, tok, ro: Rollouts, answers):
+    """Scores, rewards and advantages of a step's rollouts: {name: Tensor[N]}; the reward is a constant."""
+    G, out = cfg.num_generations, {}
+    ids, mask = ro.input_ids.to(policy.device), ro.loss_mask.to(policy.device)
+    if cfg.reward == "vigor":
+        chunk = cfg.grad_chunk_size or auto_chunk_size(policy, len(ids))
+        out["grad_norm"], _ = grad_norms_no_oom(policy, ids, mask, chunk)
+        out["grad_norm"] = out["grad_norm"].cpu()
+        out["score"] = vigor_scores(out["grad_norm"], ro.lengths, cfg.sqrt_t)
+        rewards = rank_rewards(out["score"], G) if cfg.rank else out["score"]
+    elif cfg.reward == "self_certainty":
+        with torch.no_grad():
+            rewards = out["score"] = self_certainty(policy, ids, mask).cpu()
+    else:
+        rewards = out["score"] = torch.tensor([float(is_correct(c, answers[i]))
+                                               for c, i in zip(ro.completions, ro.prompt_index)])
+    completion_ids = [row[m.bool()].tolist() for row, m in zip(ro.input_ids, ro.loss_mask)]
+    out["reward"] = share_identical(rewards, completion_ids, G)
+    out["advantage"] = group_advantages(out["reward"], G)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# GRPO loss
+# ----------------------------------------------------------------------------------------------------
+def grpo_token_loss(logps, old_logps, ref_logps, advantages, epsilon, epsilon_high, beta):
+    """Per-token GRPO loss [B, T]:  -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL_k3,
+        r = exp(logp - logp_old),  KL_k3 = exp(ref - logp) - (ref - logp) - 1  (>= 0, = 0 when equal).
+    Returns (loss, kl, clipped) where clipped marks tokens whose gradient the clip removed."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a
+    kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+    return -torch.min(unclipped, clipped) + beta * kl, kl, clipped < unclipped
+
+
+def policy_logps(model, input_ids, temperature):
+    """log-probs of the sampled tokens under the sampling distribution (logits / temperature, as TRL)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return token_logps(logits / temperature, input_ids), logits
+
+
+def entropy(logits, mask):
+    with torch.no_grad():
+        logp = logits[:, :-1].float().log_softmax(-1)
+        return (-(logp.exp() * logp).sum(-1) * mask).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training loop: run folder, checkpoints, the RL step
+# ----------------------------------------------------------------------------------------------------
+def write_jsonl(path, rows):
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def truncate_jsonl(path, last_step):
+    """Drop lines of steps after `last_step` (they are redone after a resume)."""
+    if os.path.isfile(path):
+        keep = [line for line in open(path) if json.loads(line)["step"] <= last_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
+    """Atomic: write checkpoint-N.tmp, rename it, then repoint `latest` with an atomic replace. A kill at
+    any moment leaves `latest` naming a complete checkpoint. Weights in safetensors, the rest tensors and
+    plain types (loaded with weights_only=True, no arbitrary unpickling)."""
+    final = os.path.join(run_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                "step": step, "state": state}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint-") and name != os.path.basename(final):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def latest_checkpoint(run_dir):
+    path = os.path.join(run_dir, "latest")
+    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
+
+
+def prepare_run_dir(cfg: Config):
+    """Create the run folder, or check that an existing one holds this same run (resume), never overwrite."""
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
+    saved = os.path.join(run_dir, "config.json")
+    if os.path.isfile(saved):
+        if not cfg.resume:
+            raise ConfigError(f"run folder {run_dir} exists and resume is off: choose another --run_name or "
+                              "delete the folder")
+        old = json.load(open(saved))
+        diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "resume" and old.get(k) != v)
+        if diff:
+            raise ConfigError(f"run folder {run_dir} holds a run with other settings ({', '.join(diff)}); "
+                              "choose another --run_name or delete the folder")
+        return run_dir
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ConfigError(f"{run_dir} exists and is not a vigor run folder (no config.json); refusing to write there")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(saved + ".tmp", "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    os.replace(saved + ".tmp", saved)
+    return run_dir
+
+
+def prompt_batch(n_prompts, step, per_step, seed):
+    """Indices of the prompts of one step: a fresh permutation each epoch, a pure function of the step
+    (so a resumed run sees the same prompts as an uninterrupted one)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n_prompts)
+        out.append(torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))[i].item())
+    return out
+
+
+class BadStepError(RuntimeError):
+    pass
+
+
+def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
+    """One VIGOR/GRPO step on a batch of prompts; returns (metrics, rollouts, rewards)."""
+    G, t0 = cfg.num_generations, time.perf_counter()
+    policy.eval()
+    ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    t1 = time.perf_counter()
+    rw = compute_rewards(cfg, policy, tok, ro, answers)
+    t2 = time.perf_counter()
+    lengths = ro.lengths.float()
+    m = {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].view(-1, G).std(1).mean().item(),
+         "frac_reward_zero_std": (rw["reward"].view(-1, G).std(1) == 0).float().mean().item(),
+         "score": rw["score"].mean().item(), "completions/mean_length": lengths.mean().item(),
+         "completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
+         "completions/clipped_ratio": ro.truncated.float().mean().item(),
+         "gen/tokens_per_s": lengths.sum().item() / (t1 - t0), "time/generate": t1 - t0, "time/reward": t2 - t1}
+    if "grad_norm" in rw:
+        m["vigor/grad_norm_raw"] = rw["grad_norm"].mean().item()
+        m["vigor/sqrt_t_grad_norm"] = (rw["grad_norm"] * lengths.sqrt()).mean().item()
+    if answers is not None:
+        m["train/accuracy"] = sum(is_correct(c, answers[i]) for c, i in zip(ro.completions, ro.prompt_index)) / len(ro.completions)
+    bad = [k for k, v in rw.items() if not torch.isfinite(v).all()]
+    if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
+        raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
+
+    dev = policy.device
+    ids, adv = ro.input_ids.to(dev), rw["advantage"].to(dev)
+    mask = ro.loss_mask[:, 1:].to(dev).float()
+    if cfg.mask_truncated_completions:
+        mask = mask * (~ro.truncated).to(dev).float()[:, None]
+    batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(ids), cfg.micro_batch_size)]
+    with torch.no_grad():  # frozen reference, and the sampling policy's log-probs when it will move
+        ref_logps = torch.cat([policy_logps(ref, ids[b], cfg.temperature)[0] for b in batches])
+        old_logps = torch.cat([policy_logps(policy, ids[b], cfg.temperature)[0] for b in batches]) \
+            if cfg.num_iterations > 1 else None
+    t3 = time.perf_counter()
+    n_tokens, n_seqs = mask.sum().clamp(min=1), len(ids)
+    policy.train()
+    for it in range(cfg.num_iterations):
+        sums = defaultdict(float)
+        for b in batches:
+            logps, logits = policy_logps(policy, ids[b], cfg.temperature)
+            old = logps.detach() if old_logps is None else old_logps[b]
+            per_token, kl, clipped = grpo_token_loss(logps, old, ref_logps[b], adv[b], cfg.epsilon,
+                                                     cfg.epsilon_high, cfg.beta)
+            mb = mask[b]
+            if cfg.loss_type == "bnpo":
+                loss = (per_token * mb).sum() / n_tokens
+            else:
+                loss = ((per_token * mb).sum(1) / mb.sum(1).clamp(min=1)).sum() / n_seqs
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["kl"] += (kl.detach() * mb).sum().item()
+            sums["clip"] += (clipped.float() * mb).sum().item()
+            sums["entropy"] += entropy(logits, mb).item()
+        update_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+        if not (math.isfinite(sums["loss"]) and math.isfinite(update_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise BadStepError(f"loss {sums['loss']} / gradient norm {update_norm} is NaN/inf")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if it == 0:
+            m.update({"loss": sums["loss"], "kl": sums["kl"] / n_tokens.item(), "grad_norm": update_norm,
+                      "entropy": sums["entropy"] / n_tokens.item(),
+                      "clip_ratio/region_mean": sums["clip"] / n_tokens.item()})
+    policy.eval()
+    t4 = time.perf_counter()
+    m.update({"learning_rate": scheduler.get_last_lr()[0], "time/reference": t3 - t2, "time/update": t4 - t3,
+              "step_time": t4 - t0})
+    return m, ro, rw
+
+
+def setup_device(cfg):
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device} asked for but CUDA is not available")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[cfg.dtype]
+    return device, dtype
+
+
+def train(cfg: Config) -> dict:
+    """The whole run: data, models, optional resume, evaluation before/after, RL steps, final save."""
+    from transformers import get_cosine_schedule_with_warmup
+    started = time.time()
+    device, dtype = setup_device(cfg)
+    run_dir = prepare_run_dir(cfg)
+    metrics_path, completions_path = (os.path.join(run_dir, n) for n in ("metrics.jsonl", "completions.jsonl"))
+    base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
+    ckpt = latest_checkpoint(run_dir)
+    policy, tok = load_model(ckpt or base, cfg, device, dtype)
+    ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False)
+
+    raw_prompts, answers = load_prompts(cfg.train_data)
+    prompts, kept = [], []
+    for i, p in enumerate(raw_prompts):
+        text = format_prompt(tok, p, cfg.system_prompt)
+        if len(tok(text, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length:
+            prompts.append(text)
+            kept.append(i)
+    if not prompts:
+        raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
+    answers = [answers[i] for i in kept] if answers else None
+    eval_sets = [(spec, *load_prompts(spec)) for spec in cfg.eval_data]
+    for spec, _, gold in eval_sets:
+        if gold is None:
+            raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
+    if cfg.reward == "gt" and answers is None:
+        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    total = max(1, cfg.steps * cfg.num_iterations)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    state = {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
+    start = 0
+    if ckpt:
+        saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        start, state = saved["step"], saved["state"]
+        print(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
+    else:
+        torch.manual_seed(cfg.seed)
+    for path in (metrics_path, completions_path):
+        truncate_jsonl(path, start)
+    print(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
+          f"max_prompt_length), model {base} on {device}, run folder {run_dir}")
+
+    if state["eval_before"] is None:
+        state["eval_before"] = evaluate(policy, tok, eval_sets, cfg)
+        write_jsonl(metrics_path, [{"step": 0, **state["eval_before"]}])
+    from tqdm.auto import tqdm
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True)
+    for step in bar:
+        idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)
+        batch_answers = [answers[i] for i in idx] if answers else None
+        try:
+            m, ro, rw = rl_step(cfg, policy, ref, tok, optimizer, scheduler, [prompts[i] for i in idx], batch_answers)
+            state["bad_in_a_row"] = 0
+        except BadStepError as e:
+            state["bad_in_a_row"] += 1
+            state["skipped_steps"] += 1
+            m, ro = {"skipped": str(e)}, None
+            tqdm.write(f"step {step + 1}: skipped, {e}")
+            if state["bad_in_a_row"] >= cfg.max_bad_steps:
+                raise BadStepError(f"{state['bad_in_a_row']} steps in a row were skipped (last: {e}); stopping. "
+                                   "Lower lr, check the data, or use float32") from None
+        m.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            m.update(evaluate(policy, tok, eval_sets, cfg))
+        write_jsonl(metrics_path, [m])
+        if ro is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+            write_jsonl(completions_path, [
+                {"step": step + 1, "prompt": prompts[idx[p]], "completion": c, "length": int(ro.lengths[i]),
+                 "truncated": bool(ro.truncated[i]), **{k: float(v[i]) for k, v in rw.items()},
+                 **({"correct": is_correct(c, batch_answers[p])} if batch_answers else {})}
+                for i, (c, p) in enumerate(zip(ro.completions, ro.prompt_index))])
+        if ro is not None:
+            bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
+                             ("score", "kl", "completions/mean_length", "train/accuracy") if k in m})
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, state)
+    bar.close()
+
+    final = evaluate(policy, tok, eval_sets, cfg)
+    write_jsonl(metrics_path, [{"step": cfg.steps, "final": True, **final}])
+    policy.save_pretrained(os.path.join(run_dir, "final"))
+    tok.save_pretrained(os.path.join(run_dir, "final"))
+    summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final,
+               "wall_s": time.time() - started}
+    print_summary(summary, metrics_path)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, tok, eval_sets, cfg) -> dict:
+    """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}."""
+    model.eval()
+    out = {}
+    for spec, questions, gold in eval_sets:
+        prompts = [format_prompt(tok, q, cfg.system_prompt) for q in questions]
+        ro = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, cfg.eval_batch_size, greedy=True)
+        name = f"eval/{os.path.basename(spec['path'])}"
+        out[f"{name}/accuracy"] = sum(is_correct(c, gold[i]) for i, c in enumerate(ro.completions)) / len(prompts)
+        out[f"{name}/mean_length"] = ro.lengths.float().mean().item()
+    return out
+
+
+def print_summary(summary, metrics_path):
+    steps = [json.loads(line) for line in open(metrics_path)]
+    trained = [s for s in steps if "kl" in s]
+    print(f"\nVIGOR run done in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
+    for key in summary["after"]:
+        if key.endswith("/accuracy"):
+            print(f"  {key} (greedy, held out): before RL {summary['before'][key]:.1%}  after RL "
+                  f"{summary['after'][key]:.1%}")
+    if trained:
+        first, last = trained[: max(1, len(trained) // 5)], trained[-max(1, len(trained) // 5):]
+        avg = lambda rows, k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows))
+        for key, what in [("completions/mean_length", "mean completion length (tokens)"),
+                          ("score", "mean score S (vigor: -sqrt(T)*||g||)"), ("reward", "mean reward"),
+                          ("kl", "KL to reference (k3, per token)"), ("train/accuracy", "sampled-completion accuracy")]:
+            if key in trained[0]:
+                print(f"  {what}: first 20% of steps {avg(first, key):.4g} -> last 20% {avg(last, key):.4g}")
+    print(f"  wrote config.json, metrics.jsonl, completions.jsonl, checkpoint-*/ and final/ in {summary['run_dir']}")
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        print(usage())
+        return
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        train(load_config(args))
+    except (ConfigError, DataError, BadStepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
