@@ -257,9 +257,28 @@ def test_grading_synthetic_gsm8k_and_boxed():
         assert vigor.is_correct(row["solution"], row["answer"])
 
 
-def test_synthetic_test_split_is_held_out():
-    train = {r["prompt"] for r in vigor.synthetic_split("train")}
-    assert not train & {r["prompt"] for r in vigor.synthetic_split("test")}
+def test_synthetic_splits_are_disjoint():
+    splits = [{r["prompt"] for r in vigor.synthetic_split(s)} for s in ("warmstart", "train", "test")]
+    assert [len(x) for x in splits] == [4000, 2000, 1000]
+    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+    with pytest.raises(vigor.DataError, match="splits"):
+        vigor.synthetic_split("validation")
+
+
+def test_latex_answers_are_graded_by_math_verify():
+    assert vigor.is_correct("so $\\boxed{0.5}$", "\\boxed{\\frac{1}{2}}")
+    assert vigor.is_correct("$\\boxed{\\sqrt{4}}$", "2 so \\boxed{2}")
+    assert not vigor.is_correct("$\\boxed{\\frac{1}{3}}$", "\\boxed{\\frac{1}{2}}")
+
+
+def test_lm_head_closed_form_equals_grad_norms_of_the_head():
+    model = tiny_model(False)
+    ids, mask = padded_batch()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "lm_head.weight")
+    want = vigor.grad_norms(model, ids, mask)
+    assert torch.allclose(vigor.lm_head_grad_norms(model, ids, mask), want, rtol=1e-4)
+    assert torch.allclose(want.double(), loop_norms_float64(model, ids, mask), rtol=1e-4)
 
 
 def test_local_files_any_format_and_column_errors(tmp_path):
@@ -439,3 +458,36 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, out_dir, capsys):
 def test_cli_reports_errors_without_traceback(out_dir):
     proc = subprocess.run(cli(out_dir, run_name="bad", top_p=2), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: top_p must be in (0, 1]")
+
+
+def test_rewards_to_compare_and_eval_samples(out_dir):
+    for reward, over in [("self_certainty", {}), ("gt", {}), ("vigor", {"reward_params": "lm_head", "rank": False})]:
+        out = vigor.train(quick(out_dir, run_name=f"r-{reward}", reward=reward, steps=2, eval_samples=2, **over))
+        assert "eval/synthetic/mean@2" in out["after"]
+        rows = read_jsonl(os.path.join(out_dir, f"r-{reward}", "completions.jsonl"))
+        if reward == "gt":
+            assert all(r["score"] == float(r["correct"]) for r in rows)
+        if reward == "vigor":  # w/o rank: rewards are the scores themselves (unless identical texts share)
+            assert any(r["reward"] == r["score"] for r in rows) and all(r["reward"] < 0 for r in rows)
+    with pytest.raises(vigor.DataError, match="needs answers"):
+        vigor.train(quick(out_dir, run_name="gt-none", reward="gt", train_data={"path": "synthetic", "answer_column": ""}))
+
+
+def test_analyses_and_study(out_dir, capsys):
+    vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "2", "--warmstart_steps", "30",
+                "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12",
+                "--eval_data", json.dumps(QUICK["eval_data"])])
+    printed = capsys.readouterr().out
+    table = open(os.path.join(out_dir, "study.md")).read()
+    for name in ("base (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt"):
+        assert f"| {name} |" in table
+    assert "miniature study" in printed
+    run = os.path.join(out_dir, "study-vigor-s7")
+    bias = vigor.length_bias(run)
+    assert len(bias) == 4 and sum(r[1] for r in bias) == 2 * 4 * 4
+    ranks = vigor.rank_correctness(run)
+    assert set(ranks) == {"early", "late"} and len(ranks["early"]) == 4
+    rows = vigor.compare_runs([run, os.path.join(out_dir, "study-gt-s7")])
+    assert [r[0] for r in rows] == ["study-vigor-s7", "study-gt-s7"] and all(0 <= r[2] <= 1 for r in rows)
+    with pytest.raises(vigor.DataError, match="no gradient norms"):
+        vigor.length_bias(os.path.join(out_dir, "study-gt-s7"))

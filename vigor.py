@@ -98,10 +98,12 @@ class Config:
     reward: str = arg("vigor", "vigor | self_certainty (INTUITOR) | gt (gold-answer correctness, needs answers)")
     sqrt_t: bool = arg(True, "vigor: multiply ||g|| by sqrt(T) (paper's length correction; false = ablation)")
     rank: bool = arg(True, "vigor: rank-shape scores to [-1, 1] inside each group (false = ablation)")
+    reward_params: str = arg("all", "vigor: gradient over all trainable parameters, or 'lm_head' (paper's cheap "
+                             "approximation, closed form from one forward pass)")
     grad_chunk_size: int = arg(0, "completions per vmap chunk in grad_norms, 0 = chosen from free memory")
     # GRPO
-    steps: int = arg(150, "RL steps (one batch of prompts each)")
-    lr: float = arg(1e-5, "policy learning rate (authors: 2e-6 for Qwen2.5-3B)")
+    steps: int = arg(300, "RL steps (one batch of prompts each)")
+    lr: float = arg(5e-5, "policy learning rate (authors: 2e-6 for Qwen2.5-3B)")
     beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)")
     epsilon: float = arg(0.2, "lower clip of the ratio: 1 - epsilon (authors: 0.2)")
     epsilon_high: float = arg(0.2, "upper clip of the ratio: 1 + epsilon_high")
@@ -113,6 +115,7 @@ class Config:
     warmup_ratio: float = arg(0.1, "linear warmup fraction of the cosine schedule (authors: 0.1)")
     # logging, evaluation, checkpoints
     eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)")
+    eval_samples: int = arg(0, "also sample k completions per eval prompt (at temperature) and report mean accuracy")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)")
     log_completions_every: int = arg(1, "write every sampled completion of every Nth step to completions.jsonl")
@@ -129,7 +132,8 @@ class DataError(ValueError):
 
 DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
 CHOICES = {"reward": ("vigor", "self_certainty", "gt"), "loss_type": ("bnpo", "grpo"),
-           "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager")}
+           "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager"),
+           "reward_params": ("all", "lm_head")}
 
 
 def _typed(name, kind, value, from_cli):
@@ -175,6 +179,7 @@ def validate(cfg: Config):
         (cfg.max_completion_length >= 1 and cfg.max_prompt_length >= 1, "length limits must be >= 1"),
         (cfg.num_iterations >= 1, "num_iterations must be >= 1"),
         (cfg.micro_batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1"),
+        (cfg.eval_samples >= 0, "eval_samples must be >= 0"),
         (cfg.max_grad_norm > 0, "max_grad_norm must be > 0"),
         (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
         (min(cfg.grad_chunk_size, cfg.generation_batch_size, cfg.eval_every, cfg.save_every) >= 0,
@@ -223,7 +228,9 @@ def load_config(argv=None) -> Config:
 
 
 def usage() -> str:
-    lines = ["usage: python vigor.py [--config FILE] [--setting value ...]", ""]
+    lines = ["usage: python vigor.py [--config FILE] [--setting value ...]     train (defaults: the tiny task)",
+             "       python vigor.py study [--seeds 7,8,9] [--setting value ...]  base/vigor/ablations/baselines",
+             "       python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...", ""]
     for f in dataclasses.fields(Config):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         lines.append(f"  --{f.name} ({f.type.__name__}, default {default!r})\n      {f.metadata['help']}")
@@ -252,11 +259,16 @@ def synthetic_problems(n, seed, exclude=frozenset()):
 
 
 def synthetic_split(split):
-    """The task is fixed (not seeded by the run) so every run shares one warm start; test excludes train."""
-    train = synthetic_problems(2000, seed=1234)
-    if split == "train":
-        return train
-    return synthetic_problems(1000, seed=4321, exclude={r["prompt"] for r in train})
+    """Three disjoint splits: 'warmstart' (gold completions teach the tiny model), 'train' (RL prompts the
+    warm start never saw, like the paper's MATH problems for a base model), 'test' (held out). The task is
+    fixed, not seeded by the run, so every run shares one warm start."""
+    sizes, seen, rows = {"warmstart": 4000, "train": 2000, "test": 1000}, set(), {}
+    if split not in sizes:
+        raise DataError(f"synthetic data has splits {list(sizes)}, not {split!r}")
+    for seed, name in enumerate(sizes):
+        rows[name] = synthetic_problems(sizes[name], seed=1234 + seed, exclude=seen)
+        seen |= {r["prompt"] for r in rows[name]}
+    return rows[split]
 
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -334,8 +346,17 @@ def normalize_answer(answer):
 
 
 def is_correct(completion, gold):
+    """Numbers compare after normalisation; LaTeX answers (\\frac{1}{2} vs 0.5) go to math-verify, the grader
+    of the authors and open-r1 (it reads "12,9" as 12.9, so plain numbers stay with the normaliser)."""
     pred, target = extract_answer(completion), extract_answer(gold)
-    return pred is not None and target is not None and normalize_answer(pred) == normalize_answer(target)
+    if pred is None or target is None:
+        return False
+    if normalize_answer(pred) == normalize_answer(target):
+        return True
+    if not re.search(r"[\\^{}]", pred + target):
+        return False
+    from math_verify import parse, verify
+    return bool(verify(parse(f"${target}$"), parse(f"${pred}$")))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,8 +388,8 @@ def tiny_base_model(cfg: Config) -> str:
         os.path.join(HERE, cfg.tiny_model_config)
     if not os.path.isfile(arch_path):
         raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
-    arch = json.load(open(arch_path))
-    key = hashlib.sha256(json.dumps([arch, cfg.warmstart_steps, cfg.warmstart_lr]).encode()).hexdigest()[:12]
+    arch, rows = json.load(open(arch_path)), synthetic_split("warmstart")
+    key = hashlib.sha256(json.dumps([arch, rows, cfg.warmstart_steps, cfg.warmstart_lr]).encode()).hexdigest()[:12]
     folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -376,7 +397,7 @@ def tiny_base_model(cfg: Config) -> str:
     torch.manual_seed(0)  # the warm start is the "base model": the same for every RL seed
     model = Qwen2ForCausalLM(Qwen2Config(**arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
-    rows, rng = synthetic_split("train"), random.Random(0)
+    rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr)
     for step in range(cfg.warmstart_steps):
         batch = rng.sample(rows, 64)
@@ -503,6 +524,21 @@ def grad_norms(model, input_ids, loss_mask, chunk_size=None):
     return per_row(params, input_ids, loss_mask).sqrt()
 
 
+def lm_head_grad_norms(model, input_ids, loss_mask):
+    """The paper's cheap approximation: ||grad_W l|| for the LM-head weight W alone, from one forward pass.
+    With q_t = softmax(logits_t) - onehot(y_t) and h_t the head's input at position t:
+        grad_W l = (1/T) sum_t q_t h_t^T   =>   ||grad_W l||_F^2 = (1/T^2) sum_{t,s} (q_t . q_s) (h_t . h_s)
+    (two T x T Gram matrices; no backward pass, no [V, d] per-sample gradient)."""
+    with torch.no_grad():
+        h = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        q = model.get_output_embeddings()(h).float().softmax(-1)
+        q.scatter_add_(-1, input_ids[:, 1:, None], -torch.ones_like(q[..., :1]))
+        w = loss_mask[:, 1:].float()[..., None]
+        q, h = q * w, h.float() * w  # [B, L-1, V], [B, L-1, d]; positions without loss are zeroed
+        sq = ((q @ q.transpose(1, 2)) * (h @ h.transpose(1, 2))).sum((1, 2))
+        return sq.sqrt() / w.sum((1, 2)).clamp(min=1)
+
+
 def vigor_scores(norms, lengths, sqrt_t=True):
     """S = -sqrt(T) * ||g||  (paper's length correction: raw ||g|| of a token mean shrinks ~ 1/sqrt(T)).
     With sqrt_t=False, S = -||g|| (the "w/o sqrt(T)" ablation). Lower norm -> higher score."""
@@ -575,9 +611,11 @@ def compute_rewards(cfg, policy, tok, ro: Rollouts, answers):
     G, out = cfg.num_generations, {}
     ids, mask = ro.input_ids.to(policy.device), ro.loss_mask.to(policy.device)
     if cfg.reward == "vigor":
-        chunk = cfg.grad_chunk_size or auto_chunk_size(policy, len(ids))
-        out["grad_norm"], _ = grad_norms_no_oom(policy, ids, mask, chunk)
-        out["grad_norm"] = out["grad_norm"].cpu()
+        if cfg.reward_params == "lm_head":
+            out["grad_norm"] = lm_head_grad_norms(policy, ids, mask).cpu()
+        else:
+            chunk = cfg.grad_chunk_size or auto_chunk_size(policy, len(ids))
+            out["grad_norm"] = grad_norms_no_oom(policy, ids, mask, chunk)[0].cpu()
         out["score"] = vigor_scores(out["grad_norm"], ro.lengths, cfg.sqrt_t)
         rewards = rank_rewards(out["score"], G) if cfg.rank else out["score"]
     elif cfg.reward == "self_certainty":
@@ -897,6 +935,11 @@ def evaluate(model, tok, eval_sets, cfg) -> dict:
         name = f"eval/{os.path.basename(spec['path'])}"
         out[f"{name}/accuracy"] = sum(is_correct(c, gold[i]) for i, c in enumerate(ro.completions)) / len(prompts)
         out[f"{name}/mean_length"] = ro.lengths.float().mean().item()
+        if cfg.eval_samples:
+            ro = sample_groups(model, tok, prompts, cfg.eval_samples, cfg.max_completion_length,
+                               cfg.eval_batch_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+            out[f"{name}/mean@{cfg.eval_samples}"] = sum(
+                is_correct(c, gold[i]) for c, i in zip(ro.completions, ro.prompt_index)) / len(ro.completions)
     return out
 
 
@@ -919,6 +962,142 @@ def print_summary(summary, metrics_path):
     print(f"  wrote config.json, metrics.jsonl, completions.jsonl, checkpoint-*/ and final/ in {summary['run_dir']}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Analyses of run folders: the paper's tables, in miniature
+# ----------------------------------------------------------------------------------------------------
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: is this a run folder?")
+    return [json.loads(line) for line in open(path)]
+
+
+def print_table(title, header, rows):
+    print(f"\n{title}\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+
+
+def save_plot(path, panels):
+    """panels: [(title, {label: (xs, ys)})]; skipped quietly when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+    for ax, (title, lines) in zip(axes if len(panels) > 1 else [axes], panels):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker=".", label=label)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"saved {path}")
+
+
+def length_bias(run_dir, bins=4):
+    """Raw ||g|| and sqrt(T)*||g|| per completion-length bin (paper: raw falls ~1/sqrt(T), corrected flat)."""
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if "grad_norm" in r]
+    if not rows:
+        raise DataError(f"{run_dir} logged no gradient norms (reward must be vigor)")
+    rows.sort(key=lambda r: r["length"])
+    table = []
+    for b in range(bins):
+        part = rows[b * len(rows) // bins:(b + 1) * len(rows) // bins]
+        raw = sum(r["grad_norm"] for r in part) / len(part)
+        fixed = sum(r["grad_norm"] * math.sqrt(r["length"]) for r in part) / len(part)
+        table.append((f"{part[0]['length']}-{part[-1]['length']}", len(part), raw, fixed))
+    print_table(f"length bias, {run_dir}", ["T (tokens)", "completions", "raw ||g||", "sqrt(T)*||g||"], table)
+    save_plot(os.path.join(run_dir, "length_bias.png"), [
+        ("raw ||g||", {"raw": ([r[0] for r in table], [r[2] for r in table])}),
+        ("sqrt(T) * ||g||", {"corrected": ([r[0] for r in table], [r[3] for r in table])})])
+    return table
+
+
+def rank_correctness(run_dir, fraction=0.2):
+    """Fraction correct at each within-group rank of the run's score (1 = best), early vs late steps."""
+    G = json.load(open(os.path.join(run_dir, "config.json")))["num_generations"]
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if "correct" in r]
+    if not rows:
+        raise DataError(f"{run_dir} logged no correctness (the training data needs an answer_column)")
+    steps = sorted({r["step"] for r in rows})
+    k = max(1, int(len(steps) * fraction))
+    table = {}
+    for label, chosen in (("early", set(steps[:k])), ("late", set(steps[-k:]))):
+        hits = [[0, 0] for _ in range(G)]
+        part = [r for r in rows if r["step"] in chosen]
+        for g in range(0, len(part) - G + 1, G):
+            group = part[g:g + G]
+            order = sorted(range(G), key=lambda i: -group[i]["score"])  # stable: ties by position, as rank_rewards
+            for rank, i in enumerate(order):
+                hits[rank][0] += group[i]["correct"]
+                hits[rank][1] += 1
+        table[label] = [h / max(n, 1) for h, n in hits]
+    print_table(f"rank vs correctness, {run_dir} (early/late: first/last {fraction:.0%} of steps)",
+                ["rank (1 = best score)", "early accuracy", "late accuracy"],
+                [(i + 1, table["early"][i], table["late"][i]) for i in range(G)])
+    save_plot(os.path.join(run_dir, "rank_correctness.png"),
+              [("accuracy by rank", {k: (list(range(1, G + 1)), v) for k, v in table.items()})])
+    return table
+
+
+def compare_runs(run_dirs, out_png=None):
+    """One row per run folder (final accuracy, mean length, KL, score) and training curves on one figure."""
+    table, curves = [], defaultdict(dict)
+    for run in run_dirs:
+        metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+        trained = [m for m in metrics if "kl" in m][-max(1, sum("kl" in m for m in metrics) // 5):]
+        acc_key = next((k for k in metrics[0] if k.endswith("/accuracy")), None)
+        final = [m for m in metrics if m.get("final")]
+        last = lambda k: sum(m[k] for m in trained) / len(trained) if trained and k in trained[0] else float("nan")
+        table.append((os.path.basename(run.rstrip("/")), metrics[0].get(acc_key, float("nan")),
+                      final[-1].get(acc_key, float("nan")) if final else float("nan"),
+                      last("completions/mean_length"), last("kl"), last("score"), last("train/accuracy")))
+        for key in ("score", "kl", "completions/mean_length", "train/accuracy", acc_key):
+            pts = [(m["step"], m[key]) for m in metrics if key in m and "kl" in m or (key == acc_key and key in m)]
+            curves[key][table[-1][0]] = ([p[0] for p in pts], [p[1] for p in pts])
+    print_table("run comparison (last 20% of steps for length, KL, score, sampled accuracy)",
+                ["run", "accuracy before", "accuracy after", "mean length", "KL", "score", "sampled accuracy"], table)
+    if out_png:
+        save_plot(out_png, [(k, v) for k, v in curves.items() if v])
+    return table
+
+
+STUDY = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "vigor_no_rank": {"rank": False},
+         "self_certainty": {"reward": "self_certainty"}, "gt": {"reward": "gt"}}
+
+
+def study(args):
+    """The paper's comparison in miniature: base / vigor / ablations / self_certainty / gt, over seeds."""
+    seeds = [7, 8, 9]
+    if "--seeds" in args:
+        i = args.index("--seeds")
+        seeds, args = [int(x) for x in args[i + 1].split(",")], args[:i] + args[i + 2:]
+    base = load_config(args)
+    results = defaultdict(list)
+    for seed in seeds:
+        for name, over in STUDY.items():
+            cfg = make_config({**dataclasses.asdict(base), **over, "seed": seed, "run_name": f"study-{name}-s{seed}"})
+            print(f"\n=== {cfg.run_name}")
+            results[name].append(train(cfg)["run_dir"])
+    rows = {name: compare_runs(runs) for name, runs in results.items()}
+    mean_sd = lambda xs: f"{sum(xs) / len(xs):.3f} ± {torch.tensor(xs).std().item() if len(xs) > 1 else 0:.3f}"
+    table = [("base (no RL)", mean_sd([r[1] for r in rows["vigor"]]), "", "", "")]
+    table += [(name, mean_sd([r[2] for r in rs]), mean_sd([r[3] for r in rs]), mean_sd([r[4] for r in rs]),
+               mean_sd([r[6] for r in rs])) for name, rs in rows.items()]
+    header = ["method", "held-out accuracy", "mean length", "KL", "sampled accuracy (last 20%)"]
+    print_table(f"miniature study, seeds {seeds} (mean ± sd)", header, table)
+    with open(os.path.join(base.out_dir, "study.md"), "w") as f:
+        f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        f.writelines("| " + " | ".join(r) + " |\n" for r in table)
+    compare_runs([r for runs in results.values() for r in runs], os.path.join(base.out_dir, "study.png"))
+
+
+COMMANDS = {"length-bias": lambda a: [length_bias(r) for r in a], "rank-table": lambda a: [rank_correctness(r) for r in a],
+            "compare": lambda a: compare_runs(a, os.path.join(a[0], "comparison.png")), "study": study}
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if "-h" in args or "--help" in args:
@@ -929,7 +1108,10 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
-        train(load_config(args))
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
+        else:
+            train(load_config(args))
     except (ConfigError, DataError, BadStepError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
