@@ -123,6 +123,65 @@ def test_grad_norms_over_trainable_parameters_only():
     assert (vigor.grad_norms(model, ids, mask) > got).all()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_per_layer_norms_equal_torch_func_reference(tied):
+    model = tiny_model(tied)
+    ids, mask = padded_batch()
+    ids[0, -1] = ids[0, 0]  # a repeated token id inside one row exercises the embedding's same-id pairs
+    want = vigor.grad_norms(model, ids, mask)
+    got = vigor.per_layer_grad_norms(model, ids, mask)
+    assert torch.allclose(got, want, rtol=1e-4), (got, want)
+    assert torch.allclose(got.double(), loop_norms_float64(model, ids, mask), rtol=1e-4)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def lora_model(tied):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_model(tied), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():  # LoRA B starts at zero; random B makes every LoRA parameter's gradient non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_norms_are_over_lora_parameters_only(tied):
+    model = lora_model(tied)
+    ids, mask = padded_batch()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    want = []
+    for row, m in zip(ids, mask):  # plain loop: autograd.grad over the LoRA parameters, in float64
+        n = int(m.nonzero().max()) + 1
+        x, w = row[:n][None], m[1:n].double()
+        model.double()
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0]
+        grads = torch.autograd.grad(-(logp * w).sum() / w.sum(), [p for p in model.parameters() if p.requires_grad])
+        want.append(math.sqrt(sum((g ** 2).sum().item() for g in grads)))
+    model.float()
+    want = torch.tensor(want, dtype=torch.float64)
+    assert torch.allclose(vigor.grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+    assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_reward_pass_works_with_gradient_checkpointing_on(out_dir, lora_r):
+    cfg = quick(out_dir, gradient_checkpointing=True, lora_r=lora_r)
+    policy, tok, ref = vigor.load_policy(cfg, vigor.tiny_base_model(cfg), None, torch.device("cpu"), torch.float32)
+    ids, mask = padded_batch(vocab=len(tok))
+    assert torch.allclose(vigor.grad_norms(policy, ids, mask), vigor.per_layer_grad_norms(policy, ids, mask), rtol=1e-4)
+    assert (ref is None) == bool(lora_r)
+
+
+def test_per_layer_refuses_parameters_it_cannot_handle():
+    model = tiny_model(False)
+    model.extra = torch.nn.Parameter(torch.zeros(3))  # a parameter outside Linear / RMSNorm / embedding
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="grad_norm_method=vmap"):
+        vigor.per_layer_grad_norms(model, ids, mask)
+
+
 def test_oom_is_retried_with_smaller_chunks(monkeypatch):
     model = tiny_model(True)
     ids, mask = padded_batch()
@@ -491,3 +550,27 @@ def test_analyses_and_study(out_dir, capsys):
     assert [r[0] for r in rows] == ["study-vigor-s7", "study-gt-s7"] and all(0 <= r[2] <= 1 for r in rows)
     with pytest.raises(vigor.DataError, match="no gradient norms"):
         vigor.length_bias(os.path.join(out_dir, "study-gt-s7"))
+
+
+def test_lora_run_with_checkpointing_resumes_exactly(monkeypatch, out_dir):
+    over = dict(lora_r=4, gradient_checkpointing=True, grad_norm_method="per_layer", steps=4, save_every=2)
+    vigor.train(quick(out_dir, run_name="lora", **over))
+    run = os.path.join(out_dir, "lora")
+    assert os.path.isfile(os.path.join(run, "final", "adapter_model.safetensors"))
+    whole = [m for m in read_jsonl(os.path.join(run, "metrics.jsonl"))]
+    steps = [m for m in whole if "kl" in m]
+    assert len(steps) == 4 and steps[0]["kl"] == 0.0 and steps[-1]["kl"] > 0  # reference = adapter off
+    real, calls = vigor.rl_step, []
+
+    def interrupted(*a, **k):  # stop the run during step 3, after the step-2 checkpoint
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(vigor, "rl_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vigor.train(quick(out_dir, run_name="lora-cut", **over))
+    monkeypatch.setattr(vigor, "rl_step", real)
+    vigor.train(quick(out_dir, run_name="lora-cut", **over))
+    assert without_timing(read_jsonl(os.path.join(out_dir, "lora-cut", "metrics.jsonl"))) == without_timing(whole)

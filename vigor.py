@@ -27,6 +27,7 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
 
 Run `python vigor.py --help` for every setting; README.md explains every printed number.
 """
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -78,6 +79,10 @@ class Config:
     warmstart_steps: int = arg(2000, "supervised steps that give the tiny model some competence (gold answers used)")
     warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start")
     attn_implementation: str = arg("eager", "eager | sdpa: attention kernel; both work under torch.func with no mask, eager has vmap batching rules on CPU")
+    lora_r: int = arg(0, "LoRA rank (peft); 0 = train all parameters. With LoRA the reward's norm is over the LoRA "
+                      "parameters only, as the authors do, and the reference is the base with the adapter off")
+    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the policy update (not in the reward pass)")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
     # data
     train_data: dict = arg(SYNTHETIC_TRAIN, "prompts for RL: {path, name, split, prompt_column, answer_column, "
@@ -93,6 +98,7 @@ class Config:
     temperature: float = arg(0.9, "sampling temperature (authors: 0.9)")
     top_k: int = arg(50, "top-k sampling, 0 = off (authors: 50)")
     top_p: float = arg(1.0, "nucleus sampling, in (0, 1] (authors: 1.0)")
+    static_cache: bool = arg(False, "CUDA: static KV cache + torch.compile for generation (slow first call, fast after)")
     generation_batch_size: int = arg(0, "prompts per generate call, 0 = all prompts of the step in one call")
     # reward
     reward: str = arg("vigor", "vigor | self_certainty (INTUITOR) | gt (gold-answer correctness, needs answers)")
@@ -100,6 +106,8 @@ class Config:
     rank: bool = arg(True, "vigor: rank-shape scores to [-1, 1] inside each group (false = ablation)")
     reward_params: str = arg("all", "vigor: gradient over all trainable parameters, or 'lm_head' (paper's cheap "
                              "approximation, closed form from one forward pass)")
+    grad_norm_method: str = arg("vmap", "vmap: torch.func per-sample gradients (the reference) | per_layer: the "
+                                "same exact norms from one batched backward, near the cost of plain training")
     grad_chunk_size: int = arg(0, "completions per vmap chunk in grad_norms, 0 = chosen from free memory")
     # GRPO
     steps: int = arg(300, "RL steps (one batch of prompts each)")
@@ -133,7 +141,7 @@ class DataError(ValueError):
 DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
 CHOICES = {"reward": ("vigor", "self_certainty", "gt"), "loss_type": ("bnpo", "grpo"),
            "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager"),
-           "reward_params": ("all", "lm_head")}
+           "reward_params": ("all", "lm_head"), "grad_norm_method": ("vmap", "per_layer")}
 
 
 def _typed(name, kind, value, from_cli):
@@ -179,7 +187,7 @@ def validate(cfg: Config):
         (cfg.max_completion_length >= 1 and cfg.max_prompt_length >= 1, "length limits must be >= 1"),
         (cfg.num_iterations >= 1, "num_iterations must be >= 1"),
         (cfg.micro_batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1"),
-        (cfg.eval_samples >= 0, "eval_samples must be >= 0"),
+        (cfg.eval_samples >= 0 and cfg.lora_r >= 0 and cfg.lora_alpha > 0, "eval_samples, lora_r >= 0, lora_alpha > 0"),
         (cfg.max_grad_norm > 0, "max_grad_norm must be > 0"),
         (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
         (min(cfg.grad_chunk_size, cfg.generation_batch_size, cfg.eval_every, cfg.save_every) >= 0,
@@ -297,7 +305,8 @@ def load_rows(spec: dict):
 def load_prompts(spec: dict):
     """(prompts, answers or None) from a data setting; missing columns and empty sets are DataErrors."""
     ds = load_rows(spec)
-    prompt_col, answer_col = spec.get("prompt_column", "prompt"), spec.get("answer_column") or None
+    default_answer = "answer" if "answer" in ds.column_names else None
+    prompt_col, answer_col = spec.get("prompt_column", "prompt"), spec.get("answer_column", default_answer) or None
     for col in (prompt_col, answer_col):
         if col and col not in ds.column_names:
             raise DataError(f"column {col!r} not in {spec['path']}: its columns are {ds.column_names}")
@@ -440,6 +449,23 @@ def load_model(path_or_name: str, cfg: Config, device, dtype):
     return model.to(device).eval(), tok
 
 
+def load_policy(cfg, base, ckpt, device, dtype):
+    """(policy, tokenizer, frozen reference); with LoRA the reference is None: the policy with its adapter off."""
+    if not cfg.lora_r:
+        policy, tok = load_model(ckpt or base, cfg, device, dtype)
+        ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False)
+    else:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        model, tok = load_model(base, cfg, device, dtype)
+        policy = PeftModel.from_pretrained(model, ckpt, is_trainable=True) if ckpt else get_peft_model(
+            model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear"))
+        ref = None
+    if cfg.gradient_checkpointing:  # active in train mode only: the reward pass (eval mode) is untouched
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.disable_input_require_grads()  # its hook calls requires_grad_(), which torch.func forbids
+    return policy, tok, ref
+
+
 def stop_token_ids(model, tok):
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -461,12 +487,13 @@ class Rollouts:
 
 @torch.no_grad()
 def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_prompts=0, greedy=False,
-                  temperature=1.0, top_k=0, top_p=1.0) -> Rollouts:
+                  temperature=1.0, top_k=0, top_p=1.0, static_cache=False) -> Rollouts:
     from transformers import GenerationConfig
     stops = stop_token_ids(model, tok)
     # a fresh GenerationConfig: hub models ship defaults (repetition penalty, top_p) we must not inherit
     gen = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                            eos_token_id=stops, num_return_sequences=num_generations,
+                           **({"cache_implementation": "static"} if static_cache else {}),
                            **({} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)))
     tok.padding_side = "left"
     seqs, masks, lengths, truncated, texts, index = [], [], [], [], [], []
@@ -522,6 +549,81 @@ def grad_norms(model, input_ids, loss_mask, chunk_size=None):
 
     per_row = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
     return per_row(params, input_ids, loss_mask).sqrt()
+
+
+def per_layer_grad_norms(model, input_ids, loss_mask):
+    """The same exact norms as `grad_norms`, from ONE batched backward of sum_b l_b (samples do not interact,
+    so it yields every sample's activation gradients). Per layer, with a_t its input and g_t its output grad:
+        Linear W:  ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)   (two T x T Grams, or the dout x din
+                   per-sample gradient when that is smaller);  bias: ||sum_t g_t||^2
+        RMSNorm w: ||sum_t g_t * xhat_t||^2;  embedding: sum over position pairs holding the same id of g_t . g_s
+        tied head/embedding: + 2 <head grad, embedding grad> = 2 sum_{s,t} q_s[id_t] (h_s . e_t)
+    No parameter gets a gradient (the weight-gradient matmuls are skipped); per-sample gradients of the whole
+    model never exist. Known as ghost norms (Goodfellow 2015; Li et al. 2022)."""
+    ids_of = lambda ps: {id(p) for p in ps}
+    trainable = ids_of(p for p in model.parameters() if p.requires_grad)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is emb.weight
+    B, L = input_ids.shape
+    sq, late, hooks, flags = torch.zeros(B, device=input_ids.device), {}, [], {}
+
+    def gram(x):
+        return (x @ x.transpose(1, 2)).float()  # [B, L, L]
+
+    def linear(mod, a, g):
+        if id(mod.weight) in trainable:
+            small = 2 * L * L < a.shape[-1] * g.shape[-1]
+            sq.add_((gram(a) * gram(g)).sum((1, 2)) if small else (g.transpose(1, 2).float() @ a.float()).square().sum((1, 2)))
+        if mod.bias is not None and id(mod.bias) in trainable:
+            sq.add_(g.float().sum(1).square().sum(1))
+        if mod is head and tied:  # q_s[id_t] and h_s, for the cross term once e_t is known
+            late["q_at_ids"] = g.float().gather(2, input_ids[:, None, :].expand(B, L, L))
+            late["h"] = a.float()
+
+    def rms_norm(mod, x, g):
+        x = x.float()
+        xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
+        sq.add_((g.float() * xhat).sum(1).square().sum(1))
+
+    def on_forward(rule):
+        def hook(mod, inputs, out):
+            if flags.setdefault(mod, 0):
+                raise ValueError(f"per_layer_grad_norms: {type(mod).__name__} is called twice in one forward")
+            flags[mod] = 1
+            a = inputs[0].detach()
+            out.register_hook(lambda g: rule(mod, a, g))
+        return hook
+
+    covered = set() if id(emb.weight) not in trainable else {id(emb.weight)}
+    for mod in model.modules():
+        rule = linear if isinstance(mod, torch.nn.Linear) else rms_norm if hasattr(mod, "variance_epsilon") else None
+        own = ids_of(mod.parameters(recurse=False)) & trainable
+        if rule and own:
+            hooks.append(mod.register_forward_hook(on_forward(rule)))
+            covered |= own
+    if trainable - covered:
+        raise ValueError("per_layer_grad_norms handles Linear, RMSNorm and embedding parameters only; "
+                         "use grad_norm_method=vmap for this model")
+    flat = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in flat:
+            p.requires_grad_(False)
+        x = emb(input_ids).detach().requires_grad_(True)  # the one leaf: every activation gets a gradient
+        logits = model(inputs_embeds=x, use_cache=False).logits
+        w = loss_mask[:, 1:].float()
+        per_sample = -(token_logps(logits, input_ids) * w).sum(1) / w.sum(1).clamp(min=1)
+        (e,) = torch.autograd.grad(per_sample.sum(), x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in flat:
+            p.requires_grad_(True)
+    if id(emb.weight) in trainable:
+        same = (input_ids[:, :, None] == input_ids[:, None, :]).float()
+        sq += (gram(e) * same).sum((1, 2))
+        if tied and "h" in late:
+            sq += 2 * (late["q_at_ids"] * (late["h"] @ e.float().transpose(1, 2))).sum((1, 2))
+    return sq.clamp(min=0).sqrt()
 
 
 def lm_head_grad_norms(model, input_ids, loss_mask):
@@ -615,7 +717,8 @@ def compute_rewards(cfg, policy, tok, ro: Rollouts, answers):
             out["grad_norm"] = lm_head_grad_norms(policy, ids, mask).cpu()
         else:
             chunk = cfg.grad_chunk_size or auto_chunk_size(policy, len(ids))
-            out["grad_norm"] = grad_norms_no_oom(policy, ids, mask, chunk)[0].cpu()
+            out["grad_norm"] = per_layer_grad_norms(policy, ids, mask).cpu() if cfg.grad_norm_method == "per_layer" \
+                else grad_norms_no_oom(policy, ids, mask, chunk)[0].cpu()
         out["score"] = vigor_scores(out["grad_norm"], ro.lengths, cfg.sqrt_t)
         rewards = rank_rewards(out["score"], G) if cfg.rank else out["score"]
     elif cfg.reward == "self_certainty":
@@ -747,7 +850,7 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
     G, t0 = cfg.num_generations, time.perf_counter()
     policy.eval()
     ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
-                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
     t1 = time.perf_counter()
     rw = compute_rewards(cfg, policy, tok, ro, answers)
     t2 = time.perf_counter()
@@ -774,7 +877,8 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
         mask = mask * (~ro.truncated).to(dev).float()[:, None]
     batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(ids), cfg.micro_batch_size)]
     with torch.no_grad():  # frozen reference, and the sampling policy's log-probs when it will move
-        ref_logps = torch.cat([policy_logps(ref, ids[b], cfg.temperature)[0] for b in batches])
+        with policy.disable_adapter() if ref is None else contextlib.nullcontext():
+            ref_logps = torch.cat([policy_logps(ref or policy, ids[b], cfg.temperature)[0] for b in batches])
         old_logps = torch.cat([policy_logps(policy, ids[b], cfg.temperature)[0] for b in batches]) \
             if cfg.num_iterations > 1 else None
     t3 = time.perf_counter()
@@ -834,8 +938,8 @@ def train(cfg: Config) -> dict:
     metrics_path, completions_path = (os.path.join(run_dir, n) for n in ("metrics.jsonl", "completions.jsonl"))
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
     ckpt = latest_checkpoint(run_dir)
-    policy, tok = load_model(ckpt or base, cfg, device, dtype)
-    ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # before the models: a LoRA adapter's initialisation is random
+    policy, tok, ref = load_policy(cfg, base, ckpt, device, dtype)
 
     raw_prompts, answers = load_prompts(cfg.train_data)
     prompts, kept = [], []
@@ -868,8 +972,6 @@ def train(cfg: Config) -> dict:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         start, state = saved["step"], saved["state"]
         print(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
-    else:
-        torch.manual_seed(cfg.seed)
     for path in (metrics_path, completions_path):
         truncate_jsonl(path, start)
     print(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
