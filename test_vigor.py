@@ -182,21 +182,23 @@ def test_per_layer_refuses_parameters_it_cannot_handle():
         vigor.per_layer_grad_norms(model, ids, mask)
 
 
-def test_oom_is_retried_with_smaller_chunks(monkeypatch):
-    model = tiny_model(True)
+@pytest.mark.parametrize("method", ["vmap", "per_layer", "lm_head"])
+def test_reward_pass_retries_smaller_chunks_after_oom(method):
+    model = tiny_model(False)
     ids, mask = padded_batch()
-    real, seen = vigor.grad_norms, []
+    real = {"vmap": vigor.grad_norms, "per_layer": vigor.per_layer_grad_norms, "lm_head": vigor.lm_head_grad_norms}[method]
+    seen = []
 
-    def flaky(m, i, k, chunk_size=None):
-        seen.append(chunk_size)
-        if chunk_size > 2:
+    def flaky(m, i, k):
+        seen.append(len(i))
+        if len(i) > 2:
             raise torch.OutOfMemoryError("forced")
-        return real(m, i, k, chunk_size)
+        return real(m, i, k)
 
-    monkeypatch.setattr(vigor, "grad_norms", flaky)
-    norms, chunk = vigor.grad_norms_no_oom(model, ids, mask, 8)
-    assert seen == [8, 4, 2] and chunk == 2
-    assert torch.allclose(norms, real(model, ids, mask), rtol=1e-5)
+    norms = vigor.chunked_scores(flaky, model, ids, mask, 8)
+    assert seen == [5, 4, 2, 2, 1]  # 5 rows: chunk 8 fails, chunk 4 fails, then chunks of 2, 2, 1
+    assert torch.allclose(norms, real(model, ids, mask), rtol=1e-4)
+    assert vigor.auto_chunk_size(model, ids, method) == len(ids)  # a tiny model fits at once
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,20 +471,28 @@ def test_partial_checkpoint_write_leaves_previous_usable(out_dir, capsys):
     assert "resuming" in capsys.readouterr().out and again["after"] == first["after"]
 
 
-def test_existing_run_folder_is_never_overwritten(out_dir):
-    vigor.prepare_run_dir(quick(out_dir, run_name="guard"))
+def test_existing_run_folder_is_never_overwritten(out_dir, tmp_path):
+    cfg = quick(out_dir, run_name="guard")
+    vigor.write_config(vigor.check_run_dir(cfg), cfg)
     with pytest.raises(vigor.ConfigError, match="other settings \\(lr\\)"):
-        vigor.prepare_run_dir(quick(out_dir, run_name="guard", lr=0.5))
+        vigor.check_run_dir(quick(out_dir, run_name="guard", lr=0.5))
     with pytest.raises(vigor.ConfigError, match="resume is off"):
-        vigor.prepare_run_dir(quick(out_dir, run_name="guard", resume=False))
+        vigor.check_run_dir(quick(out_dir, run_name="guard", resume=False))
     os.makedirs(os.path.join(out_dir, "stranger"))
     open(os.path.join(out_dir, "stranger", "notes.txt"), "w").write("mine")
     with pytest.raises(vigor.ConfigError, match="not a vigor run folder"):
-        vigor.prepare_run_dir(quick(out_dir, run_name="stranger"))
+        vigor.train(quick(out_dir, run_name="stranger"))
+    assert os.listdir(os.path.join(out_dir, "stranger")) == ["notes.txt"]
+    # bad input fails before any run folder exists, so the corrected command just works
+    with pytest.raises(vigor.DataError, match="dataset file not found"):
+        vigor.train(quick(out_dir, run_name="typo", train_data={"path": str(tmp_path / "typo.jsonl")}))
+    with pytest.raises(vigor.ConfigError, match="model folder not found"):
+        vigor.train(quick(out_dir, run_name="typo", model=str(tmp_path / "no-model")))
+    assert not os.path.exists(os.path.join(out_dir, "typo"))
 
 
 def test_nan_rewards_are_skipped_then_the_run_stops(monkeypatch, out_dir):
-    monkeypatch.setattr(vigor, "grad_norms", lambda m, i, k, c=None: torch.full((len(i),), float("nan")))
+    monkeypatch.setattr(vigor, "grad_norms", lambda m, i, k, *c: torch.full((len(i),), float("nan")))
     with pytest.raises(vigor.BadStepError, match="3 steps in a row were skipped .*grad_norm.*NaN"):
         vigor.train(quick(out_dir, run_name="nan", max_bad_steps=3))
     rows = read_jsonl(os.path.join(out_dir, "nan", "metrics.jsonl"))
@@ -574,3 +584,18 @@ def test_lora_run_with_checkpointing_resumes_exactly(monkeypatch, out_dir):
     monkeypatch.setattr(vigor, "rl_step", real)
     vigor.train(quick(out_dir, run_name="lora-cut", **over))
     assert without_timing(read_jsonl(os.path.join(out_dir, "lora-cut", "metrics.jsonl"))) == without_timing(whole)
+
+
+@pytest.mark.parametrize("method", ["vmap", "per_layer"])
+def test_bf16_autocast_run_keeps_float32_master_weights(out_dir, method):
+    """The CUDA default path (bf16 compute, fp32 weights) exercised on the CPU."""
+    cfg = quick(out_dir, run_name=f"bf16-{method}", dtype="bfloat16", grad_norm_method=method, steps=2)
+    out = vigor.train(cfg)
+    policy, _, ref = vigor.load_policy(cfg, vigor.tiny_base_model(cfg), None, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32} and {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    steps = [m for m in read_jsonl(os.path.join(out_dir, f"bf16-{method}", "metrics.jsonl")) if "kl" in m]
+    assert len(steps) == 2 and all(math.isfinite(m["vigor/grad_norm_raw"]) for m in steps)
+    assert 0 <= out["after"]["eval/synthetic/accuracy"] <= 1
+    model, ids, mask = tiny_model(True), *padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # both methods agree under autocast too
+        assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask), vigor.grad_norms(model, ids, mask), rtol=3e-2)

@@ -72,13 +72,15 @@ class Config:
     resume: bool = arg(True, "continue an existing run folder from its last checkpoint; false: refuse to touch it")
     seed: int = arg(7, "seed for sampling, data order and initialisation (authors: 7)")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    dtype: str = arg("auto", "compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16; the "
+                     "policy's weights stay float32 (bf16 would round lr-2e-6 updates away), bf16 runs under autocast")
     # model
     model: str = arg("tiny", "'tiny' (built here, warm-started on the synthetic task), a local folder or a hub name")
     tiny_model_config: str = arg("tiny_configs/tiny_qwen2.json", "Qwen2 architecture of the tiny model")
     warmstart_steps: int = arg(2000, "supervised steps that give the tiny model some competence (gold answers used)")
     warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start")
-    attn_implementation: str = arg("eager", "eager | sdpa: attention kernel; both work under torch.func with no mask, eager has vmap batching rules on CPU")
+    attn_implementation: str = arg("eager", "eager | sdpa: both work under torch.func with no attention mask; "
+                                   "sdpa has no vmap batching rule on CPU (slower there)")
     lora_r: int = arg(0, "LoRA rank (peft); 0 = train all parameters. With LoRA the reward's norm is over the LoRA "
                       "parameters only, as the authors do, and the reference is the base with the adapter off")
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
@@ -108,7 +110,7 @@ class Config:
                              "approximation, closed form from one forward pass)")
     grad_norm_method: str = arg("vmap", "vmap: torch.func per-sample gradients (the reference) | per_layer: the "
                                 "same exact norms from one batched backward, near the cost of plain training")
-    grad_chunk_size: int = arg(0, "completions per vmap chunk in grad_norms, 0 = chosen from free memory")
+    grad_chunk_size: int = arg(0, "completions per chunk of the reward pass, 0 = chosen from free memory")
     # GRPO
     steps: int = arg(300, "RL steps (one batch of prompts each)")
     lr: float = arg(5e-5, "policy learning rate (authors: 2e-6 for Qwen2.5-3B)")
@@ -450,13 +452,14 @@ def load_model(path_or_name: str, cfg: Config, device, dtype):
 
 
 def load_policy(cfg, base, ckpt, device, dtype):
-    """(policy, tokenizer, frozen reference); with LoRA the reference is None: the policy with its adapter off."""
+    """(policy, tokenizer, frozen reference); with LoRA the reference is None: the policy with its adapter off.
+    The policy keeps float32 master weights; the frozen reference is stored in the compute dtype."""
     if not cfg.lora_r:
-        policy, tok = load_model(ckpt or base, cfg, device, dtype)
+        policy, tok = load_model(ckpt or base, cfg, device, torch.float32)
         ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False)
     else:
         from peft import LoraConfig, PeftModel, get_peft_model
-        model, tok = load_model(base, cfg, device, dtype)
+        model, tok = load_model(base, cfg, device, torch.float32)
         policy = PeftModel.from_pretrained(model, ckpt, is_trainable=True) if ckpt else get_peft_model(
             model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear"))
         ref = None
@@ -483,6 +486,9 @@ class Rollouts:
     truncated: torch.Tensor   # [N] bool, hit max_new_tokens without an EOS
     completions: list         # [N] decoded text, EOS dropped
     prompt_index: list        # [N] which prompt of the batch
+
+    def __len__(self):
+        return len(self.completions)
 
 
 @torch.no_grad()
@@ -571,13 +577,16 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         return (x @ x.transpose(1, 2)).float()  # [B, L, L]
 
     def linear(mod, a, g):
+        a = a.to(g.dtype)  # under autocast a layer's input can be fp32 while it computes (and g is) bf16
         if id(mod.weight) in trainable:
-            small = 2 * L * L < a.shape[-1] * g.shape[-1]
-            sq.add_((gram(a) * gram(g)).sum((1, 2)) if small else (g.transpose(1, 2).float() @ a.float()).square().sum((1, 2)))
+            grams_cheaper = L * (a.shape[-1] + g.shape[-1]) < a.shape[-1] * g.shape[-1]  # FLOPs of each way
+            # matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation); squares sum in fp32
+            sq.add_((gram(a) * gram(g)).sum((1, 2)) if grams_cheaper else
+                    (g.transpose(1, 2) @ a).float().square().sum((1, 2)))
         if mod.bias is not None and id(mod.bias) in trainable:
             sq.add_(g.float().sum(1).square().sum(1))
         if mod is head and tied:  # q_s[id_t] and h_s, for the cross term once e_t is known
-            late["q_at_ids"] = g.float().gather(2, input_ids[:, None, :].expand(B, L, L))
+            late["q_at_ids"] = g.gather(2, input_ids[:, None, :].expand(B, L, L)).float()
             late["h"] = a.float()
 
     def rms_norm(mod, x, g):
@@ -685,27 +694,39 @@ def self_certainty(model, input_ids, loss_mask):
     return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
 
 
-def auto_chunk_size(model, n):
-    """How many per-sample gradients fit in half the free memory (3 copies each: grad, square, vmap)."""
-    per_sample = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    device = next(model.parameters()).device
+def auto_chunk_size(model, input_ids, method):
+    """Completions per chunk of the reward pass that fit in half the free memory: activations of a
+    forward+backward (logits dominate: ~12 bytes x vocab per token) plus, for vmap, 3 copies of a per-sample
+    gradient (gradient, square, vmap's buffers). A wrong guess is caught by the out-of-memory retry."""
+    c, device = model.config, input_ids.device
+    per_sample = input_ids.shape[1] * (12 * c.vocab_size + 48 * c.num_hidden_layers * c.hidden_size)
+    if method == "lm_head":  # forward only: logits and softmax, no backward
+        per_sample = input_ids.shape[1] * 12 * c.vocab_size
+    if method == "vmap":
+        per_sample += 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
         os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, min(n, int(free * 0.5 // per_sample)))
+    return max(1, min(len(input_ids), int(free * 0.5 // per_sample)))
 
 
-def grad_norms_no_oom(model, input_ids, loss_mask, chunk_size):
-    """grad_norms, halving the vmap chunk after an out-of-memory error instead of losing the run."""
+def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
+    """score_of(model, ids, mask) by chunks of completions (each trimmed to its own padding); an
+    out-of-memory error halves the chunk and retries instead of ending the run."""
     while True:
         try:
-            return grad_norms(model, input_ids, loss_mask, chunk_size), chunk_size
+            out = []
+            for i in range(0, len(input_ids), chunk):
+                ids, mask = input_ids[i:i + chunk], loss_mask[i:i + chunk]
+                width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else ids.shape[1]
+                out.append(score_of(model, ids[:, :width], mask[:, :width]))
+            return torch.cat(out)
         except torch.OutOfMemoryError:
-            if chunk_size <= 1:
+            if chunk <= 1:
                 raise
-            chunk_size //= 2
+            chunk //= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            print(f"grad_norms: out of memory, retrying with chunk_size={chunk_size}", file=sys.stderr)
+            print(f"reward pass: out of memory, retrying {chunk} completions at a time", file=sys.stderr)
 
 
 def compute_rewards(cfg, policy, tok, ro: Rollouts, answers):
@@ -713,17 +734,16 @@ def compute_rewards(cfg, policy, tok, ro: Rollouts, answers):
     G, out = cfg.num_generations, {}
     ids, mask = ro.input_ids.to(policy.device), ro.loss_mask.to(policy.device)
     if cfg.reward == "vigor":
-        if cfg.reward_params == "lm_head":
-            out["grad_norm"] = lm_head_grad_norms(policy, ids, mask).cpu()
-        else:
-            chunk = cfg.grad_chunk_size or auto_chunk_size(policy, len(ids))
-            out["grad_norm"] = per_layer_grad_norms(policy, ids, mask).cpu() if cfg.grad_norm_method == "per_layer" \
-                else grad_norms_no_oom(policy, ids, mask, chunk)[0].cpu()
+        method = "lm_head" if cfg.reward_params == "lm_head" else cfg.grad_norm_method
+        norms_of = {"lm_head": lm_head_grad_norms, "per_layer": per_layer_grad_norms, "vmap": grad_norms}[method]
+        chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, method)
+        out["grad_norm"] = chunked_scores(norms_of, policy, ids, mask, chunk).cpu()
         out["score"] = vigor_scores(out["grad_norm"], ro.lengths, cfg.sqrt_t)
         rewards = rank_rewards(out["score"], G) if cfg.rank else out["score"]
     elif cfg.reward == "self_certainty":
         with torch.no_grad():
-            rewards = out["score"] = self_certainty(policy, ids, mask).cpu()
+            chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, "lm_head")
+            rewards = out["score"] = chunked_scores(self_certainty, policy, ids, mask, chunk).cpu()
     else:
         rewards = out["score"] = torch.tensor([float(is_correct(c, answers[i]))
                                                for c, i in zip(ro.completions, ro.prompt_index)])
@@ -769,9 +789,9 @@ def write_jsonl(path, rows):
 
 
 def truncate_jsonl(path, last_step):
-    """Drop lines of steps after `last_step` (they are redone after a resume)."""
+    """Drop lines of steps after `last_step` and the final evaluation (they are redone after a resume)."""
     if os.path.isfile(path):
-        keep = [line for line in open(path) if json.loads(line)["step"] <= last_step]
+        keep = [line for line in open(path) if json.loads(line)["step"] <= last_step and "final" not in line]
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
@@ -808,8 +828,9 @@ def latest_checkpoint(run_dir):
     return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
 
 
-def prepare_run_dir(cfg: Config):
-    """Create the run folder, or check that an existing one holds this same run (resume), never overwrite."""
+def check_run_dir(cfg: Config):
+    """The run folder's path, after checking that an existing one holds this same run (to resume): a run
+    folder is never overwritten, and a folder that is not one is never written into."""
     run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     saved = os.path.join(run_dir, "config.json")
     if os.path.isfile(saved):
@@ -821,14 +842,19 @@ def prepare_run_dir(cfg: Config):
         if diff:
             raise ConfigError(f"run folder {run_dir} holds a run with other settings ({', '.join(diff)}); "
                               "choose another --run_name or delete the folder")
-        return run_dir
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"{run_dir} exists and is not a vigor run folder (no config.json); refusing to write there")
+    return run_dir
+
+
+def write_config(run_dir, cfg):
+    saved = os.path.join(run_dir, "config.json")
+    if os.path.isfile(saved):
+        return
     os.makedirs(run_dir, exist_ok=True)
     with open(saved + ".tmp", "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     os.replace(saved + ".tmp", saved)
-    return run_dir
 
 
 def prompt_batch(n_prompts, step, per_step, seed):
@@ -865,7 +891,7 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
         m["vigor/grad_norm_raw"] = rw["grad_norm"].mean().item()
         m["vigor/sqrt_t_grad_norm"] = (rw["grad_norm"] * lengths.sqrt()).mean().item()
     if answers is not None:
-        m["train/accuracy"] = sum(is_correct(c, answers[i]) for c, i in zip(ro.completions, ro.prompt_index)) / len(ro.completions)
+        m["train/accuracy"] = sum(is_correct(c, answers[i]) for c, i in zip(ro.completions, ro.prompt_index)) / len(ro)
     bad = [k for k, v in rw.items() if not torch.isfinite(v).all()]
     if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
         raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
@@ -934,14 +960,20 @@ def train(cfg: Config) -> dict:
     from transformers import get_cosine_schedule_with_warmup
     started = time.time()
     device, dtype = setup_device(cfg)
-    run_dir = prepare_run_dir(cfg)
-    metrics_path, completions_path = (os.path.join(run_dir, n) for n in ("metrics.jsonl", "completions.jsonl"))
+    # bad data or a bad model path fails here, before anything is written
+    raw_prompts, answers = load_prompts(cfg.train_data)
+    eval_sets = [(spec, *load_prompts(spec)) for spec in cfg.eval_data]
+    for spec, _, gold in eval_sets:
+        if gold is None:
+            raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
+    if cfg.reward == "gt" and answers is None:
+        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
+    run_dir = check_run_dir(cfg)
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
     ckpt = latest_checkpoint(run_dir)
     torch.manual_seed(cfg.seed)  # before the models: a LoRA adapter's initialisation is random
     policy, tok, ref = load_policy(cfg, base, ckpt, device, dtype)
 
-    raw_prompts, answers = load_prompts(cfg.train_data)
     prompts, kept = [], []
     for i, p in enumerate(raw_prompts):
         text = format_prompt(tok, p, cfg.system_prompt)
@@ -951,12 +983,8 @@ def train(cfg: Config) -> dict:
     if not prompts:
         raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
     answers = [answers[i] for i in kept] if answers else None
-    eval_sets = [(spec, *load_prompts(spec)) for spec in cfg.eval_data]
-    for spec, _, gold in eval_sets:
-        if gold is None:
-            raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
-    if cfg.reward == "gt" and answers is None:
-        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
+    write_config(run_dir, cfg)
+    metrics_path, completions_path = (os.path.join(run_dir, n) for n in ("metrics.jsonl", "completions.jsonl"))
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total = max(1, cfg.steps * cfg.num_iterations)
@@ -977,49 +1005,51 @@ def train(cfg: Config) -> dict:
     print(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
           f"max_prompt_length), model {base} on {device}, run folder {run_dir}")
 
-    if state["eval_before"] is None:
-        state["eval_before"] = evaluate(policy, tok, eval_sets, cfg)
-        write_jsonl(metrics_path, [{"step": 0, **state["eval_before"]}])
-    from tqdm.auto import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True)
-    for step in bar:
-        idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)
-        batch_answers = [answers[i] for i in idx] if answers else None
-        try:
-            m, ro, rw = rl_step(cfg, policy, ref, tok, optimizer, scheduler, [prompts[i] for i in idx], batch_answers)
-            state["bad_in_a_row"] = 0
-        except BadStepError as e:
-            state["bad_in_a_row"] += 1
-            state["skipped_steps"] += 1
-            m, ro = {"skipped": str(e)}, None
-            tqdm.write(f"step {step + 1}: skipped, {e}")
-            if state["bad_in_a_row"] >= cfg.max_bad_steps:
-                raise BadStepError(f"{state['bad_in_a_row']} steps in a row were skipped (last: {e}); stopping. "
-                                   "Lower lr, check the data, or use float32") from None
-        m.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            m.update(evaluate(policy, tok, eval_sets, cfg))
-        write_jsonl(metrics_path, [m])
-        if ro is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-            write_jsonl(completions_path, [
-                {"step": step + 1, "prompt": prompts[idx[p]], "completion": c, "length": int(ro.lengths[i]),
-                 "truncated": bool(ro.truncated[i]), **{k: float(v[i]) for k, v in rw.items()},
-                 **({"correct": is_correct(c, batch_answers[p])} if batch_answers else {})}
-                for i, (c, p) in enumerate(zip(ro.completions, ro.prompt_index))])
-        if ro is not None:
-            bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
-                             ("score", "kl", "completions/mean_length", "train/accuracy") if k in m})
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, state)
-    bar.close()
+    # bf16 compute for every forward from here on; log-probs, norms and the loss are computed in fp32
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        if state["eval_before"] is None:
+            state["eval_before"] = evaluate(policy, tok, eval_sets, cfg)
+            write_jsonl(metrics_path, [{"step": 0, **state["eval_before"]}])
+        from tqdm.auto import tqdm
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True)
+        for step in bar:
+            idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)
+            batch_answers = [answers[i] for i in idx] if answers else None
+            try:
+                m, ro, rw = rl_step(cfg, policy, ref, tok, optimizer, scheduler, [prompts[i] for i in idx], batch_answers)
+                state["bad_in_a_row"] = 0
+            except BadStepError as e:
+                state["bad_in_a_row"] += 1
+                state["skipped_steps"] += 1
+                m, ro = {"skipped": str(e)}, None
+                tqdm.write(f"step {step + 1}: skipped, {e}")
+                if state["bad_in_a_row"] >= cfg.max_bad_steps:
+                    raise BadStepError(f"{state['bad_in_a_row']} steps in a row were skipped (last: {e}); stopping. "
+                                       "Lower lr, check the data, or use float32") from None
+            m.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                m.update(evaluate(policy, tok, eval_sets, cfg))
+            write_jsonl(metrics_path, [m])
+            if ro is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+                write_jsonl(completions_path, [
+                    {"step": step + 1, "prompt": prompts[idx[p]], "completion": c, "length": int(ro.lengths[i]),
+                     "truncated": bool(ro.truncated[i]), **{k: float(v[i]) for k, v in rw.items()},
+                     **({"correct": is_correct(c, batch_answers[p])} if batch_answers else {})}
+                    for i, (c, p) in enumerate(zip(ro.completions, ro.prompt_index))])
+            if ro is not None:
+                bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
+                                 ("score", "kl", "completions/mean_length", "train/accuracy") if k in m})
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, state)
+        bar.close()
 
-    final = evaluate(policy, tok, eval_sets, cfg)
+        final = evaluate(policy, tok, eval_sets, cfg)
     write_jsonl(metrics_path, [{"step": cfg.steps, "final": True, **final}])
     policy.save_pretrained(os.path.join(run_dir, "final"))
     tok.save_pretrained(os.path.join(run_dir, "final"))
     summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final,
                "wall_s": time.time() - started}
-    print_summary(summary, metrics_path)
+    print_summary(summary, metrics_path, cfg.reward)
     return summary
 
 
@@ -1045,22 +1075,28 @@ def evaluate(model, tok, eval_sets, cfg) -> dict:
     return out
 
 
-def print_summary(summary, metrics_path):
-    steps = [json.loads(line) for line in open(metrics_path)]
-    trained = [s for s in steps if "kl" in s]
+def window_mean(metrics, key, last=True, fraction=0.2):
+    """Mean of `key` over the first or last `fraction` of the trained steps (nan when never logged)."""
+    trained = [m for m in metrics if "kl" in m]
+    n = max(1, int(len(trained) * fraction))
+    values = [m[key] for m in (trained[-n:] if last else trained[:n]) if key in m]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def print_summary(summary, metrics_path, reward):
+    metrics = read_jsonl(metrics_path)
     print(f"\nVIGOR run done in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
     for key in summary["after"]:
         if key.endswith("/accuracy"):
             print(f"  {key} (greedy, held out): before RL {summary['before'][key]:.1%}  after RL "
                   f"{summary['after'][key]:.1%}")
-    if trained:
-        first, last = trained[: max(1, len(trained) // 5)], trained[-max(1, len(trained) // 5):]
-        avg = lambda rows, k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows))
-        for key, what in [("completions/mean_length", "mean completion length (tokens)"),
-                          ("score", "mean score S (vigor: -sqrt(T)*||g||)"), ("reward", "mean reward"),
-                          ("kl", "KL to reference (k3, per token)"), ("train/accuracy", "sampled-completion accuracy")]:
-            if key in trained[0]:
-                print(f"  {what}: first 20% of steps {avg(first, key):.4g} -> last 20% {avg(last, key):.4g}")
+    score = {"vigor": "-sqrt(T) * ||g||", "self_certainty": "self-certainty", "gt": "correctness"}[reward]
+    for key, what in [("completions/mean_length", "mean completion length (tokens)"), ("score", f"mean score ({score})"),
+                      ("reward_std", "reward std within groups (the mean is 0 for rank rewards)"),
+                      ("kl", "KL to reference (k3, per token)"), ("train/accuracy", "sampled-completion accuracy")]:
+        if any(key in m for m in metrics):
+            print(f"  {what}: first 20% of steps {window_mean(metrics, key, False):.4g} -> last 20% "
+                  f"{window_mean(metrics, key):.4g}")
     print(f"  wrote config.json, metrics.jsonl, completions.jsonl, checkpoint-*/ and final/ in {summary['run_dir']}")
 
 
@@ -1149,15 +1185,13 @@ def compare_runs(run_dirs, out_png=None):
     table, curves = [], defaultdict(dict)
     for run in run_dirs:
         metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
-        trained = [m for m in metrics if "kl" in m][-max(1, sum("kl" in m for m in metrics) // 5):]
         acc_key = next((k for k in metrics[0] if k.endswith("/accuracy")), None)
         final = [m for m in metrics if m.get("final")]
-        last = lambda k: sum(m[k] for m in trained) / len(trained) if trained and k in trained[0] else float("nan")
         table.append((os.path.basename(run.rstrip("/")), metrics[0].get(acc_key, float("nan")),
                       final[-1].get(acc_key, float("nan")) if final else float("nan"),
-                      last("completions/mean_length"), last("kl"), last("score"), last("train/accuracy")))
+                      *(window_mean(metrics, k) for k in ("completions/mean_length", "kl", "score", "train/accuracy"))))
         for key in ("score", "kl", "completions/mean_length", "train/accuracy", acc_key):
-            pts = [(m["step"], m[key]) for m in metrics if key in m and "kl" in m or (key == acc_key and key in m)]
+            pts = [(m["step"], m[key]) for m in metrics if key in m]
             curves[key][table[-1][0]] = ([p[0] for p in pts], [p[1] for p in pts])
     print_table("run comparison (last 20% of steps for length, KL, score, sampled accuracy)",
                 ["run", "accuracy before", "accuracy after", "mean length", "KL", "score", "sampled accuracy"], table)
