@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 import vigor
 
@@ -37,17 +37,6 @@ def random_model(shape, device, dtype, tied=True, attn="sdpa"):
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(dtype).eval()
     return model
-
-
-def bench_tokenizer(vocab_size):
-    """Characters first, then filler tokens up to the model's vocabulary, so any sampled id decodes."""
-    import tokenizers
-    chars = ["<pad>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
-    vocab = {c: i for i, c in enumerate(chars + [f"<t{i}>" for i in range(vocab_size - len(chars))])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = tokenizers.decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def group_batch(shape, G, prompt_len, device, seed=0):
@@ -163,7 +152,7 @@ def rl_step_table(shape, device, dtype, static_cache, steps=3):
     ref = random_model(shape, device, dtype)
     ref.load_state_dict(model.state_dict())
     ref.requires_grad_(False)
-    tok = bench_tokenizer(SHAPES[shape]["vocab_size"])
+    tok = vigor.char_tokenizer(SHAPES[shape]["vocab_size"])
     cfg = vigor.make_config({"num_generations": 8, "prompts_per_step": 8, "max_completion_length":
                              SHAPES[shape]["lengths"][1], "grad_norm_method": "per_layer", "static_cache": static_cache,
                              "micro_batch_size": 16, "lr": 1e-6})

@@ -599,3 +599,19 @@ def test_bf16_autocast_run_keeps_float32_master_weights(out_dir, method):
     model, ids, mask = tiny_model(True), *padded_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # both methods agree under autocast too
         assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask), vigor.grad_norms(model, ids, mask), rtol=3e-2)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(HERE, "tiny_configs")) if f.endswith(".yaml")))
+def test_every_config_file_loads(name):
+    cfg = vigor.load_config(["--config", os.path.join(HERE, "tiny_configs", name)])
+    if name.startswith("qwen"):
+        assert cfg.lr == 2e-6 and cfg.beta == 0.01 and cfg.num_generations == 8 and "\\boxed{}" in cfg.system_prompt
+        assert [d["path"] for d in cfg.eval_data] == ["HuggingFaceH4/MATH-500", "openai/gsm8k"]
+
+
+def test_chat_template_and_system_prompt_are_used():
+    tok = vigor.char_tokenizer()
+    assert vigor.format_prompt(tok, "1+2=", "Think.") == "Think.\n1+2="
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert vigor.format_prompt(tok, "1+2=", "Think.") == "<system>Think.<user>1+2=<assistant>"
+    assert vigor.format_prompt(tok, "1+2=") == "<user>1+2=<assistant>"

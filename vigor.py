@@ -373,11 +373,13 @@ def is_correct(completion, gold):
 # ----------------------------------------------------------------------------------------------------
 # Model: a tiny Qwen2 with a character tokenizer (warm-started and cached), or from_pretrained
 # ----------------------------------------------------------------------------------------------------
-def char_tokenizer():
-    """One token per character (printable ASCII and newline) plus <pad>, <eos>, <unk>."""
+def char_tokenizer(vocab_size=None):
+    """One token per character (printable ASCII and newline) plus <pad>, <eos>, <unk>; with vocab_size,
+    filler tokens <tN> up to that size (so a model with a bigger vocabulary decodes every id)."""
     import tokenizers
     from transformers import PreTrainedTokenizerFast
     chars = ["<pad>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
+    chars += [f"<t{i}>" for i in range((vocab_size or len(chars)) - len(chars))]
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = tokenizers.decoders.Fuse()
