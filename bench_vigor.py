@@ -115,9 +115,6 @@ def reward_table(shape, device, dtype, reps, tied, G=8, prompt_len=128):
         diff = ((r.float() - ref.float()).abs() / ref.float()).max().item() if r is not None and ref is not None \
             and "floor" not in name else float("nan")
         print(f"| {name} | {t:.1f} | {t / base_t:.2f} | {peak:.1f} | {peak / base_m:.2f} | {diff:.1e} |")
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def device_name(device):

@@ -30,6 +30,7 @@ Run `python vigor.py --help` for every setting; README.md explains every printed
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -268,6 +269,7 @@ def synthetic_problems(n, seed, exclude=frozenset()):
     return rows
 
 
+@functools.lru_cache(maxsize=None)
 def synthetic_split(split):
     """Three disjoint splits: 'warmstart' (gold completions teach the tiny model), 'train' (RL prompts the
     warm start never saw, like the paper's MATH problems for a base model), 'test' (held out). The task is
@@ -731,7 +733,7 @@ def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
             print(f"reward pass: out of memory, retrying {chunk} completions at a time", file=sys.stderr)
 
 
-def compute_rewards(cfg, policy, tok, ro: Rollouts, answers):
+def compute_rewards(cfg, policy, ro: Rollouts, answers):
     """Scores, rewards and advantages of a step's rollouts: {name: Tensor[N]}; the reward is a constant."""
     G, out = cfg.num_generations, {}
     ids, mask = ro.input_ids.to(policy.device), ro.loss_mask.to(policy.device)
@@ -880,7 +882,7 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
     ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
     t1 = time.perf_counter()
-    rw = compute_rewards(cfg, policy, tok, ro, answers)
+    rw = compute_rewards(cfg, policy, ro, answers)
     t2 = time.perf_counter()
     lengths = ro.lengths.float()
     m = {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].view(-1, G).std(1).mean().item(),
