@@ -1114,9 +1114,12 @@ def read_jsonl(path):
 
 
 def print_table(title, header, rows):
-    print(f"\n{title}\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    """Print a markdown table under a title; return the table's text."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    text = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                      ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+    print(f"\n{title}\n{text}")
+    return text
 
 
 def save_plot(path, panels):
@@ -1171,10 +1174,11 @@ def rank_correctness(run_dir, fraction=0.2):
         part = [r for r in rows if r["step"] in chosen]
         for g in range(0, len(part) - G + 1, G):
             group = part[g:g + G]
-            order = sorted(range(G), key=lambda i: -group[i]["score"])  # stable: ties by position, as rank_rewards
-            for rank, i in enumerate(order):
-                hits[rank][0] += group[i]["correct"]
-                hits[rank][1] += 1
+            rewards = rank_rewards(torch.tensor([r["score"] for r in group]), G)  # training's ranks and tie rule
+            for r, reward in zip(group, rewards.tolist()):
+                from_best = round((1 - reward) * (G - 1) / 2)  # +1 -> 0 (rank 1), -1 -> G-1 (rank G)
+                hits[from_best][0] += r["correct"]
+                hits[from_best][1] += 1
         table[label] = [h / max(n, 1) for h, n in hits]
     print_table(f"rank vs correctness, {run_dir} (early/late: first/last {fraction:.0%} of steps)",
                 ["rank (1 = best score)", "early accuracy", "late accuracy"],
@@ -1227,10 +1231,8 @@ def study(args):
     table += [(name, mean_sd([r[2] for r in rs]), mean_sd([r[3] for r in rs]), mean_sd([r[4] for r in rs]),
                mean_sd([r[6] for r in rs])) for name, rs in rows.items()]
     header = ["method", "held-out accuracy", "mean length", "KL", "sampled accuracy (last 20%)"]
-    print_table(f"miniature study, seeds {seeds} (mean ± sd)", header, table)
     with open(os.path.join(base.out_dir, "study.md"), "w") as f:
-        f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
-        f.writelines("| " + " | ".join(r) + " |\n" for r in table)
+        f.write(print_table(f"miniature study, seeds {seeds} (mean ± sd)", header, table) + "\n")
     compare_runs([r for runs in results.values() for r in runs], os.path.join(base.out_dir, "study.png"))
 
 
