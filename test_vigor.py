@@ -311,8 +311,9 @@ def test_grading_synthetic_gsm8k_and_boxed():
     assert vigor.is_correct("12,9,11", "11") and not vigor.is_correct("12,9,10", "11")
     assert vigor.extract_answer("12,9,11") == "11"
     assert vigor.is_correct("so she pays 1,000 dollars", "She pays 500*2 = 1000\n#### 1,000")
-    assert vigor.is_correct("The answer is $\\boxed{\\frac{1}{2}}$.", "\\boxed{\\dfrac{1}{2}}")
-    assert vigor.extract_answer("\\boxed{x^{2}+1}") == "x^{2}+1"
+    assert vigor.is_correct("She pays 1000.\n#### 1000\nThe answer is: 1000", "#### 1,000", "gsm8k")
+    assert vigor.is_correct("The answer is $\\boxed{\\frac{1}{2}}$.", "\\boxed{\\dfrac{1}{2}}", "boxed")
+    assert vigor.extract_answer("\\boxed{x^{2}+1}", "boxed") == "x^{2}+1"
     assert not vigor.is_correct("no number here", "#### 4")
     for row in vigor.synthetic_split("test")[:50]:  # a gold solution grades as correct against its answer
         assert vigor.is_correct(row["solution"], row["answer"])
@@ -326,10 +327,95 @@ def test_synthetic_splits_are_disjoint():
         vigor.synthetic_split("validation")
 
 
+def test_no_answer_in_the_asked_format_is_wrong():
+    cut = "Tom has 3 apples and buys 4 more, so 3 + 4 = 7 and then he gives"  # truncated: no final answer
+    for fmt in ("boxed", "gsm8k"):
+        assert not vigor.is_correct(cut, "#### 7", fmt) and not vigor.is_correct(cut, "7", fmt)
+    assert vigor.is_correct(cut, "7", "last_number"), "last_number is the synthetic task's format"
+    assert vigor.is_correct("First 3 + 4 = 8, no: 7. \\boxed{7}", "#### 7", "boxed")  # wrong number, then boxed
+    assert not vigor.is_correct("\\boxed{8} ... 7", "#### 7", "boxed")
+    assert vigor.is_correct("so $\\boxed{1,000}$", "Total: 500 * 2\n#### 1,000", "boxed")  # GSM8K gold, boxed
+    assert vigor.is_correct("\\boxed{\\frac12}", "0.5", "boxed")
+    assert not vigor.is_correct("\\boxed{7", "7", "boxed"), "an unclosed box is no answer"
+    for fmt in ("boxed", "gsm8k", "last_number"):
+        assert not vigor.is_correct("", "7", fmt)
+    assert not vigor.is_correct("\\boxed{}", "7", "boxed") and not vigor.is_correct("#### ", "7", "gsm8k")
+
+
+def test_answer_format_follows_the_prompt():
+    authors = "Let's think step by step and output the final answer within \\boxed{}."
+    assert vigor.answer_format(f"<system>{authors}<user>What is 3+4?") == "boxed"
+    assert vigor.answer_format("Solve, then write #### and the number.\nWhat is 3+4?") == "gsm8k"
+    assert vigor.answer_format("7+5-3=") == "last_number"
+    assert vigor.answer_format("7+5-3=", "boxed") == "boxed"
+    ro = vigor.Rollouts(None, None, None, None, ["12,7", "\\boxed{7}", "so 7", "\\boxed{7}"], [0, 0, 1, 1])
+    prompts = ["3+4=", "Answer in \\boxed{}: 3+4="]
+    assert vigor.grade(ro, prompts, ["7", "7"]).tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert vigor.grade(ro, prompts, ["7", "7"], "boxed").tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+MATH500_STYLE = [  # (bare gold answer as in MATH-500's `answer` column, an equal boxed answer, a different one)
+    ("\\frac{14}{3}", "\\dfrac{14}{3}", "\\frac{13}{3}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", "(3, \\frac{\\pi}{3})"),
+    ("p - q", "p-q", "q - p"),
+    ("x^2+7x+10", "x^2 + 7x + 10", "x^2+7x+12"),
+    ("\\text{Evelyn}", "\\text{Evelyn}", "\\text{Bob}"),
+    ("[-2, 7)", "[-2,7)", "[-2,7]"),
+    ("(-\\infty, 3]", "(-\\infty,3]", "(-\\infty,3)"),
+    ("30^\\circ", "30^\\circ", "60^\\circ"),
+    ("2\\sqrt{5}", "2\\sqrt5", "\\sqrt{5}"),
+    ("-\\frac{1}{2}", "-0.5", "\\frac12"),
+    ("\\{1, 2\\}", "\\{1,2\\}", "\\{1,3\\}"),
+    ("10\\%", "10\\%", "20\\%"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\3\\end{pmatrix}"),
+    ("(1,23)", "(1, 23)", "(12,3)"),
+]
+
+
+@pytest.mark.parametrize("gold, same, other", MATH500_STYLE)
+def test_bare_latex_gold_answers_are_read_whole(gold, same, other):
+    assert vigor.is_correct(f"Thus the answer is $\\boxed{{{same}}}$.", gold, "boxed")
+    assert not vigor.is_correct(f"Thus the answer is $\\boxed{{{other}}}$.", gold, "boxed")
+    assert vigor.is_correct(f"\\boxed{{{same}}}", f"We find ... so \\boxed{{{gold}}}.", "boxed")  # MATH solution
+
+
 def test_latex_answers_are_graded_by_math_verify():
-    assert vigor.is_correct("so $\\boxed{0.5}$", "\\boxed{\\frac{1}{2}}")
-    assert vigor.is_correct("$\\boxed{\\sqrt{4}}$", "2 so \\boxed{2}")
-    assert not vigor.is_correct("$\\boxed{\\frac{1}{3}}$", "\\boxed{\\frac{1}{2}}")
+    assert vigor.is_correct("so $\\boxed{0.5}$", "\\boxed{\\frac{1}{2}}", "boxed")
+    assert vigor.is_correct("$\\boxed{\\sqrt{4}}$", "2 so \\boxed{2}", "boxed")
+    assert not vigor.is_correct("$\\boxed{\\frac{1}{3}}$", "\\boxed{\\frac{1}{2}}", "boxed")
+
+
+def chat_tokenizer():
+    """A character tokenizer with Qwen-style turn markers and chat template, built here (no hub)."""
+    tok = vigor.char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn():
+    tok = chat_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert vigor.end_of_turn_id(tok) == im_end and vigor.end_of_turn_id(vigor.char_tokenizer()) is None
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id)).eval()
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("~")  # a stop the model never writes
+    script = [tok.convert_tokens_to_ids(c) for c in "42"] + [im_end] + [tok.convert_tokens_to_ids("x")] * 20
+    calls = []
+
+    def force_next_token(module, inputs, logits):  # the model "writes" 4, 2, <|im_end|>, then x x x ...
+        out = torch.full_like(logits, -1e4)
+        out[:, -1, script[min(len(calls), len(script) - 1)]] = 1e4
+        calls.append(1)
+        return out
+    model.lm_head.register_forward_hook(force_next_token)
+    prompts = [vigor.format_prompt(tok, "What is 6*7?"), vigor.format_prompt(tok, "And 7*6?")]
+    ro = vigor.sample_groups(model, tok, prompts, 1, 16, greedy=True)
+    assert ro.completions == ["42", "42"] and ro.lengths.tolist() == [3, 3] and not ro.truncated.any()
+    assert ro.input_ids[0, ro.loss_mask[0].bool()].tolist()[-1] == im_end  # counted in T, as the EOS is
+    assert len(calls) == 3, "generate stopped at <|im_end|> instead of running to the length limit"
 
 
 def test_lm_head_closed_form_equals_grad_norms_of_the_head():
@@ -542,6 +628,23 @@ def test_rewards_to_compare_and_eval_samples(out_dir):
         vigor.train(quick(out_dir, run_name="gt-none", reward="gt", train_data={"path": "synthetic", "answer_column": ""}))
 
 
+def test_tensorboard_events_hold_the_metrics(out_dir, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    vigor.train(quick(out_dir, run_name="tb", steps=3, report_to="tensorboard"))
+    run = os.path.join(out_dir, "tb")
+    events = EventAccumulator(os.path.join(run, "tensorboard"))
+    events.Reload()
+    metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    for key in ("kl", "reward_std", "completions/mean_length", "eval/synthetic/accuracy"):
+        want = [(m["step"], m[key]) for m in metrics if key in m]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 2, key
+        assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for (_, a), (_, b) in zip(got, want)), key
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    with pytest.raises(vigor.ConfigError, match="pip install tensorboard"):
+        quick(out_dir, report_to="tensorboard")
+
+
 def test_analyses_and_study(out_dir, capsys):
     vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "2", "--warmstart_steps", "30",
                 "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12",
@@ -601,12 +704,22 @@ def test_bf16_autocast_run_keeps_float32_master_weights(out_dir, method):
         assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask), vigor.grad_norms(model, ids, mask), rtol=3e-2)
 
 
+def test_bench_reward_table_agrees_with_the_authors_loop(capsys):
+    vigor.main(["bench", "--parts", "reward", "--reps", "1"])
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in capsys.readouterr().out.splitlines() if "|" in r}
+    for name in ("torch.func vmap, chunk_size 8", "per-layer, one backward (per_layer)"):
+        assert float(rows[name][-1].strip(" |")) < 1e-5, rows[name]  # float32 on CPU: equal up to rounding
+    assert float(rows["floor: one batched forward+backward"][2]) == 1.0
+
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(HERE, "tiny_configs")) if f.endswith(".yaml")))
 def test_every_config_file_loads(name):
     cfg = vigor.load_config(["--config", os.path.join(HERE, "tiny_configs", name)])
     if name.startswith("qwen"):
         assert cfg.lr == 2e-6 and cfg.beta == 0.01 and cfg.num_generations == 8 and "\\boxed{}" in cfg.system_prompt
         assert [d["path"] for d in cfg.eval_data] == ["HuggingFaceH4/MATH-500", "openai/gsm8k"]
+    if name.startswith(("qwen", "smollm")):  # the answer format the system prompt asks for is the one graded
+        assert vigor.answer_format(cfg.system_prompt, cfg.answer_format) == ("gsm8k" if "smollm" in name else "boxed")
 
 
 def test_chat_template_and_system_prompt_are_used():

@@ -20,6 +20,8 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
   `autograd.grad` calls; squares are summed in float32 (the authors summed in bf16).
 - Identical completions inside a group share the mean of their rank rewards: the authors' tie rule
   (by position) would push the same text both up and down. With all G identical the update is zero.
+- Generation also stops at the chat template's end-of-turn token (the authors stop at the tokenizer's EOS only,
+  so a base Qwen2.5 writes past <|im_end|>); it counts in T like the EOS.
 - Completions cut at the length limit are scored like any other, as the authors do (T = the limit);
   `mask_truncated_completions` leaves them out of the loss instead (TRL's option).
 - The default run is a tiny Qwen2-architecture model on a synthetic arithmetic task so it finishes on
@@ -32,6 +34,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -93,6 +96,9 @@ class Config:
                            "answers (optional) are used for monitoring only")
     eval_data: list = arg([SYNTHETIC_TEST], "held-out sets graded with their answer_column, same keys as train_data")
     system_prompt: str = arg("", "system message, used when the tokenizer has a chat template")
+    answer_format: str = arg("auto", "how a completion's answer is read: boxed (last \\boxed{}) | gsm8k ('#### N') | "
+                             "last_number | auto: boxed if the prompt or system prompt says \\boxed, gsm8k if it "
+                             "says ####, else last_number. No answer in the format = wrong")
     max_prompt_length: int = arg(512, "prompts with more tokens are skipped and counted (authors: 512)")
     # rollouts
     num_generations: int = arg(8, "G: completions per prompt (authors: 8); at least 2")
@@ -129,6 +135,8 @@ class Config:
     eval_samples: int = arg(0, "also sample k completions per eval prompt (at temperature) and report mean accuracy")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)")
+    report_to: str = arg("none", "none | tensorboard: metrics.jsonl's numbers also go to TensorBoard event files in "
+                         "<run folder>/tensorboard (needs the tensorboard package)")
     log_completions_every: int = arg(1, "write every sampled completion of every Nth step to completions.jsonl")
     max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf reward, loss or gradient")
 
@@ -144,7 +152,8 @@ class DataError(ValueError):
 DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
 CHOICES = {"reward": ("vigor", "self_certainty", "gt"), "loss_type": ("bnpo", "grpo"),
            "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager"),
-           "reward_params": ("all", "lm_head"), "grad_norm_method": ("vmap", "per_layer")}
+           "reward_params": ("all", "lm_head"), "answer_format": ("auto", "boxed", "gsm8k", "last_number"),
+           "report_to": ("none", "tensorboard"), "grad_norm_method": ("vmap", "per_layer")}
 
 
 def _typed(name, kind, value, from_cli):
@@ -198,6 +207,8 @@ def validate(cfg: Config):
         (cfg.log_completions_every >= 0 and cfg.max_bad_steps >= 1, "log_completions_every >= 0, max_bad_steps >= 1"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
         (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
+        (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+         "report_to: tensorboard needs the tensorboard package: pip install tensorboard"),
     ]
     checks += [(getattr(cfg, k) in v, f"{k} must be one of {v}") for k, v in CHOICES.items()]
     for ok, message in checks:
@@ -241,7 +252,8 @@ def load_config(argv=None) -> Config:
 def usage() -> str:
     lines = ["usage: python vigor.py [--config FILE] [--setting value ...]     train (defaults: the tiny task)",
              "       python vigor.py study [--seeds 7,8,9] [--setting value ...]  base/vigor/ablations/baselines",
-             "       python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...", ""]
+             "       python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...",
+             "       python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  reward pass / generation / RL step", ""]
     for f in dataclasses.fields(Config):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         lines.append(f"  --{f.name} ({f.type.__name__}, default {default!r})\n      {f.metadata['help']}")
@@ -331,45 +343,73 @@ def format_prompt(tokenizer, question, system_prompt=""):
     return f"{system_prompt}\n{question}" if system_prompt else question
 
 
-def extract_answer(text):
-    """The final answer of a completion or gold solution: the last \\boxed{...} (MATH), else what follows
-    '####' (GSM8K), else the last number (the synthetic task). None when there is none."""
+def answer_format(prompt, setting="auto"):
+    """How the answer of a completion to `prompt` is read: `setting`, or with 'auto' the format the prompt
+    (system prompt included) asks for: '\\boxed' -> boxed, '####' -> gsm8k, neither -> last_number."""
+    if setting != "auto":
+        return setting
+    return "boxed" if "\\boxed" in prompt else "gsm8k" if "####" in prompt else "last_number"
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (nested braces allowed), None when there is none or it is unclosed."""
     start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i:j]
+    if start < 0:
         return None
-    if "####" in text:
-        return text.split("####")[-1].strip()
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000, but 12,9 stays two numbers
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(text, fmt="last_number"):
+    """The final answer of a completion in format `fmt`, None when it has none (no credit, as in open-r1):
+    boxed: the last \\boxed{...};  gsm8k: the line after the first '####' (lm-eval's strict match: a model that
+    rambles on after its answer is graded on the answer);  last_number: the last number."""
+    if fmt == "boxed":
+        return last_boxed(text)
+    if fmt == "gsm8k":
+        return text.split("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))  # 1,000 but not 12,9
     return numbers[-1] if numbers else None
 
 
+def gold_answer(gold):
+    """A gold answer read whole in its own format: a MATH solution's \\boxed{}, a GSM8K '#### N', else the
+    text itself (MATH-500's bare `\\frac{14}{3}`, the synthetic task's `9`)."""
+    return last_boxed(gold) if "\\boxed{" in gold else extract_answer(gold, "gsm8k") if "####" in gold else gold
+
+
 def normalize_answer(answer):
-    s = re.sub(r"\\text\{(.*?)\}|\\[!,;: ]|\$|\s", r"\1", answer).rstrip(".")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace(",", "")
+    s = re.sub(r"\\text\{(.*?)\}|\\left|\\right|\\[!,;: ]|\$|\s", r"\1", answer).rstrip(".")
+    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
     try:
         return repr(float(s))
     except ValueError:
         return s
 
 
-def is_correct(completion, gold):
-    """Numbers compare after normalisation; LaTeX answers (\\frac{1}{2} vs 0.5) go to math-verify, the grader
-    of the authors and open-r1 (it reads "12,9" as 12.9, so plain numbers stay with the normaliser)."""
-    pred, target = extract_answer(completion), extract_answer(gold)
-    if pred is None or target is None:
+def is_correct(completion, gold, fmt="last_number"):
+    """Is the completion's answer, read in format `fmt`, the gold answer? Equal after normalisation (numbers
+    as floats), else equal for math-verify, the grader of the authors and open-r1 (`\\frac12` = 0.5, tuples,
+    intervals, expressions). Plain numbers stay with the normaliser: math-verify reads "12,9" as 12.9."""
+    pred, target = extract_answer(completion, fmt), gold_answer(gold.strip())
+    if not pred or not target:
         return False
     if normalize_answer(pred) == normalize_answer(target):
         return True
-    if not re.search(r"[\\^{}]", pred + target):
+    if not re.search(r"[\\^{}()\[\]a-zA-Z]", pred + target):
         return False
     from math_verify import parse, verify
     return bool(verify(parse(f"${target}$"), parse(f"${pred}$")))
+
+
+def grade(rollouts, prompts, answers, setting="auto"):
+    """[N] floats, 1.0 where a completion is correct, each read in the format its prompt asks for."""
+    return torch.tensor([float(is_correct(c, answers[i], answer_format(prompts[i], setting)))
+                         for c, i in zip(rollouts.completions, rollouts.prompt_index)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,11 +459,8 @@ def tiny_base_model(cfg: Config) -> str:
         prompts = [tok(r["prompt"])["input_ids"] for r in batch]
         seqs = [p + tok(r["solution"])["input_ids"] + [tok.eos_token_id] for p, r in zip(prompts, batch)]
         ids = pad_right(seqs, tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for i, (p, s) in enumerate(zip(prompts, seqs)):
-            mask[i, len(p):len(s)] = 1
-        logp = token_logps(model(input_ids=ids).logits, ids)
-        loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        mask = pad_right([[0] * len(p) + [1] * (len(s) - len(p)) for p, s in zip(prompts, seqs)], 0)[:, 1:]
+        loss = -(token_logps(model(input_ids=ids).logits, ids) * mask).sum() / mask.sum()
         for g in opt.param_groups:
             g["lr"] = cfg.warmstart_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.warmstart_steps))
         loss.backward()
@@ -473,10 +510,24 @@ def load_policy(cfg, base, ckpt, device, dtype):
     return policy, tok, ref
 
 
+def end_of_turn_id(tok):
+    """The special token the chat template closes an assistant turn with (Qwen2.5's <|im_end|>, Llama 3's
+    <|eot_id|>), found by rendering a turn; None without a template or when the turn ends in plain text."""
+    if not tok.chat_template:
+        return None
+    text = tok.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": "\x00"}],
+                                   tokenize=False)
+    after = tok(text.rsplit("\x00", 1)[-1], add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+    return after[0] if after and after[0] in special else None
+
+
 def stop_token_ids(model, tok):
+    """Generation ends at the model's EOS ids, the tokenizer's EOS and the chat template's end of turn: a
+    base model's EOS (Qwen2.5's <|endoftext|>) is not the template's, and it would write invented turns."""
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return sorted(ids | {tok.eos_token_id})
+    return sorted(ids | {tok.eos_token_id, end_of_turn_id(tok)} - {None})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,6 +588,17 @@ def token_logps(logits, input_ids):
     return logits.gather(-1, input_ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
 
 
+def completion_mean(per_token, loss_mask):
+    """Mean of a per-position value [B, L-1] over each row's completion tokens: [B]."""
+    w = loss_mask[:, 1:].float()
+    return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def mean_nll(logits, input_ids, loss_mask):
+    """l(x, y) = (1/T) sum_t -log p(y_t | x, y_<t) over completion tokens, per row: [B]."""
+    return completion_mean(-token_logps(logits, input_ids), loss_mask)
+
+
 def grad_norms(model, input_ids, loss_mask, chunk_size=None):
     """||grad_theta l(x, y)||_2 for each row, with l = (1/T) sum_{t: mask=1} -log p(y_t | y_<t).
 
@@ -549,13 +611,12 @@ def grad_norms(model, input_ids, loss_mask, chunk_size=None):
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
     frozen.update(dict(model.named_buffers()))
 
-    def mean_nll(p, ids, mask):  # one sequence: ids, mask [L]
+    def loss(p, ids, mask):  # one sequence: ids, mask [L]
         logits = functional_call(model, (p, frozen), (ids[None],), {"use_cache": False}).logits
-        w = mask[1:].float()
-        return -(token_logps(logits, ids[None])[0] * w).sum() / w.sum().clamp(min=1)
+        return mean_nll(logits, ids[None], mask[None])[0]
 
     def squared_norm(p, ids, mask):
-        return sum((g.float() ** 2).sum() for g in grad(mean_nll)(p, ids, mask).values())
+        return sum((g.float() ** 2).sum() for g in grad(loss)(p, ids, mask).values())
 
     per_row = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
     return per_row(params, input_ids, loss_mask).sqrt()
@@ -622,9 +683,7 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         for p in flat:
             p.requires_grad_(False)
         x = emb(input_ids).detach().requires_grad_(True)  # the one leaf: every activation gets a gradient
-        logits = model(inputs_embeds=x, use_cache=False).logits
-        w = loss_mask[:, 1:].float()
-        per_sample = -(token_logps(logits, input_ids) * w).sum(1) / w.sum(1).clamp(min=1)
+        per_sample = mean_nll(model(inputs_embeds=x, use_cache=False).logits, input_ids, loss_mask)
         (e,) = torch.autograd.grad(per_sample.sum(), x)
     finally:
         for h in hooks:
@@ -693,9 +752,7 @@ def group_advantages(rewards, group_size, eps=1e-4):
 def self_certainty(model, input_ids, loss_mask):
     """INTUITOR's score: mean over completion tokens of logsumexp(logits) - mean(logits) (KL(U || p) + log V)."""
     logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-    per_token = logits.logsumexp(-1) - logits.mean(-1)
-    w = loss_mask[:, 1:].float()
-    return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
+    return completion_mean(logits.logsumexp(-1) - logits.mean(-1), loss_mask)
 
 
 def auto_chunk_size(model, input_ids, method):
@@ -733,8 +790,9 @@ def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
             print(f"reward pass: out of memory, retrying {chunk} completions at a time", file=sys.stderr)
 
 
-def compute_rewards(cfg, policy, ro: Rollouts, answers):
-    """Scores, rewards and advantages of a step's rollouts: {name: Tensor[N]}; the reward is a constant."""
+def compute_rewards(cfg, policy, ro: Rollouts, correct=None):
+    """Scores, rewards and advantages of a step's rollouts: {name: Tensor[N]}; the reward is a constant.
+    `correct` ([N] 0/1, from `grade`) is the gt reward; the other rewards never see it."""
     G, out = cfg.num_generations, {}
     ids, mask = ro.input_ids.to(policy.device), ro.loss_mask.to(policy.device)
     if cfg.reward == "vigor":
@@ -749,8 +807,7 @@ def compute_rewards(cfg, policy, ro: Rollouts, answers):
             chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, "lm_head")
             rewards = out["score"] = chunked_scores(self_certainty, policy, ids, mask, chunk).cpu()
     else:
-        rewards = out["score"] = torch.tensor([float(is_correct(c, answers[i]))
-                                               for c, i in zip(ro.completions, ro.prompt_index)])
+        rewards = out["score"] = correct
     completion_ids = [row[m.bool()].tolist() for row, m in zip(ro.input_ids, ro.loss_mask)]
     out["reward"] = share_identical(rewards, completion_ids, G)
     out["advantage"] = group_advantages(out["reward"], G)
@@ -790,6 +847,16 @@ def write_jsonl(path, rows):
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def log_metrics(path, writer, row):
+    """One line of metrics.jsonl; its numbers also go to TensorBoard when a writer is given."""
+    write_jsonl(path, [row])
+    if writer is not None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                writer.add_scalar(key, value, row["step"])
+        writer.flush()
 
 
 def truncate_jsonl(path, last_step):
@@ -882,7 +949,8 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
     ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
     t1 = time.perf_counter()
-    rw = compute_rewards(cfg, policy, ro, answers)
+    correct = grade(ro, prompts, answers, cfg.answer_format) if answers is not None else None
+    rw = compute_rewards(cfg, policy, ro, correct)
     t2 = time.perf_counter()
     lengths = ro.lengths.float()
     m = {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].view(-1, G).std(1).mean().item(),
@@ -894,8 +962,9 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
     if "grad_norm" in rw:
         m["vigor/grad_norm_raw"] = rw["grad_norm"].mean().item()
         m["vigor/sqrt_t_grad_norm"] = (rw["grad_norm"] * lengths.sqrt()).mean().item()
-    if answers is not None:
-        m["train/accuracy"] = sum(is_correct(c, answers[i]) for c, i in zip(ro.completions, ro.prompt_index)) / len(ro)
+    if correct is not None:
+        m["train/accuracy"] = correct.mean().item()
+        rw["correct"] = correct
     bad = [k for k, v in rw.items() if not torch.isfinite(v).all()]
     if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
         raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
@@ -978,12 +1047,9 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)  # before the models: a LoRA adapter's initialisation is random
     policy, tok, ref = load_policy(cfg, base, ckpt, device, dtype)
 
-    prompts, kept = [], []
-    for i, p in enumerate(raw_prompts):
-        text = format_prompt(tok, p, cfg.system_prompt)
-        if len(tok(text, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length:
-            prompts.append(text)
-            kept.append(i)
+    texts = [format_prompt(tok, p, cfg.system_prompt) for p in raw_prompts]
+    kept = [i for i, t in enumerate(texts) if len(tok(t, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length]
+    prompts = [texts[i] for i in kept]
     if not prompts:
         raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
     answers = [answers[i] for i in kept] if answers else None
@@ -1006,6 +1072,10 @@ def train(cfg: Config) -> dict:
         print(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
     for path in (metrics_path, completions_path):
         truncate_jsonl(path, start)
+    writer = None
+    if cfg.report_to == "tensorboard":  # purge_step: a resumed run's redone steps replace the old events
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start or None)
     print(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
           f"max_prompt_length), model {base} on {device}, run folder {run_dir}")
 
@@ -1013,7 +1083,7 @@ def train(cfg: Config) -> dict:
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         if state["eval_before"] is None:
             state["eval_before"] = evaluate(policy, tok, eval_sets, cfg)
-            write_jsonl(metrics_path, [{"step": 0, **state["eval_before"]}])
+            log_metrics(metrics_path, writer, {"step": 0, **state["eval_before"]})
         from tqdm.auto import tqdm
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True)
         for step in bar:
@@ -1033,12 +1103,11 @@ def train(cfg: Config) -> dict:
             m.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 m.update(evaluate(policy, tok, eval_sets, cfg))
-            write_jsonl(metrics_path, [m])
+            log_metrics(metrics_path, writer, m)
             if ro is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 write_jsonl(completions_path, [
                     {"step": step + 1, "prompt": prompts[idx[p]], "completion": c, "length": int(ro.lengths[i]),
-                     "truncated": bool(ro.truncated[i]), **{k: float(v[i]) for k, v in rw.items()},
-                     **({"correct": is_correct(c, batch_answers[p])} if batch_answers else {})}
+                     "truncated": bool(ro.truncated[i]), **{k: float(v[i]) for k, v in rw.items()}}
                     for i, (c, p) in enumerate(zip(ro.completions, ro.prompt_index))])
             if ro is not None:
                 bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
@@ -1048,7 +1117,9 @@ def train(cfg: Config) -> dict:
         bar.close()
 
         final = evaluate(policy, tok, eval_sets, cfg)
-    write_jsonl(metrics_path, [{"step": cfg.steps, "final": True, **final}])
+    log_metrics(metrics_path, writer, {"step": cfg.steps, "final": True, **final})
+    if writer is not None:
+        writer.close()
     policy.save_pretrained(os.path.join(run_dir, "final"))
     tok.save_pretrained(os.path.join(run_dir, "final"))
     summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final,
@@ -1069,13 +1140,12 @@ def evaluate(model, tok, eval_sets, cfg) -> dict:
         prompts = [format_prompt(tok, q, cfg.system_prompt) for q in questions]
         ro = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, cfg.eval_batch_size, greedy=True)
         name = f"eval/{os.path.basename(spec['path'])}"
-        out[f"{name}/accuracy"] = sum(is_correct(c, gold[i]) for i, c in enumerate(ro.completions)) / len(prompts)
+        out[f"{name}/accuracy"] = grade(ro, prompts, gold, cfg.answer_format).mean().item()
         out[f"{name}/mean_length"] = ro.lengths.float().mean().item()
         if cfg.eval_samples:
             ro = sample_groups(model, tok, prompts, cfg.eval_samples, cfg.max_completion_length,
                                cfg.eval_batch_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-            out[f"{name}/mean@{cfg.eval_samples}"] = sum(
-                is_correct(c, gold[i]) for c, i in zip(ro.completions, ro.prompt_index)) / len(ro.completions)
+            out[f"{name}/mean@{cfg.eval_samples}"] = grade(ro, prompts, gold, cfg.answer_format).mean().item()
     return out
 
 
@@ -1236,8 +1306,150 @@ def study(args):
     compare_runs([r for runs in results.values() for r in runs], os.path.join(base.out_dir, "study.png"))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: the reward pass, generation and the RL step on random weights of exact Qwen2.5 shapes
+# ----------------------------------------------------------------------------------------------------
+BENCH_SHAPES = {  # Qwen2.5: hidden, intermediate, layers, heads, kv heads, vocab; a group's completion lengths
+    "tiny": (64, 256, 2, 4, 2, 1000, (16, 64)),
+    "0.5b": (896, 4864, 24, 14, 2, 151936, (128, 512)),
+    "1.5b": (1536, 8960, 28, 12, 2, 151936, (256, 1024))}
+
+
+def random_model(shape, device, dtype, tied=True, attn="sdpa"):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    h, inter, layers, heads, kv, vocab, _ = BENCH_SHAPES[shape]
+    arch = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, rope_theta=1e6,
+                       tie_word_embeddings=tied, attn_implementation=attn, eos_token_id=0, pad_token_id=0)
+    with torch.device(device):
+        return Qwen2ForCausalLM(arch).to(dtype).eval()
+
+
+def timed(fn, reps, device):
+    """(first-call s, median s of `reps` calls after it, peak GiB, last result)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, result = [], None
+    for rep in range(reps + 1):
+        if rep == 1 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return times[0], sorted(times[1:])[reps // 2], peak, result
+
+
+def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
+    """Each way to get G per-completion norms, side by side with the floor: ONE batched forward+backward of the
+    same loss over the same tokens (what plain training pays). Last column: agreement with the authors' loop."""
+    model = random_model(shape, device, dtype, tied, attn="eager" if device.type == "cpu" else "sdpa")
+    lo, hi = BENCH_SHAPES[shape][6]
+    ids = torch.randint(1, BENCH_SHAPES[shape][5], (G, prompt_len + hi), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(ids)
+    for i, T in enumerate(torch.linspace(lo, hi, G).long().tolist()):
+        ids[i, prompt_len + T:] = 0
+        mask[i, prompt_len:prompt_len + T] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def nll(x, m):
+        return mean_nll(model(input_ids=x, use_cache=False).logits, x, m)
+
+    def floor():
+        nll(ids, mask).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def loop():  # the authors' way: batch 1, autograd.grad over all parameters
+        n = [int(m.nonzero().max()) + 1 for m in mask]
+        return torch.stack([sum(g.float().square().sum() for g in torch.autograd.grad(nll(x[None, :k], m[None, :k]),
+                            params)).sqrt() for x, m, k in zip(ids, mask, n)])
+    methods = {"floor: one batched forward+backward": floor, "loop, batch 1 (the authors' way)": loop,
+               "torch.func vmap, chunk_size 1": lambda: grad_norms(model, ids, mask, 1),
+               "torch.func vmap, chunk_size 8": lambda: grad_norms(model, ids, mask, 8),
+               "per-layer, one backward (per_layer)": lambda: per_layer_grad_norms(model, ids, mask),
+               "LM-head-only closed form (approximation)": lambda: lm_head_grad_norms(model, ids, mask)}
+    rows, ref = [], None
+    for name, fn in methods.items():
+        try:
+            _, t, peak, norms = timed(fn, reps, device)
+        except torch.OutOfMemoryError:
+            t, peak, norms = float("nan"), float("nan"), None
+            torch.cuda.empty_cache()
+        ref = norms if name.startswith("loop") else ref
+        diff = ((norms.float() - ref.float()).abs() / ref.float()).max().item() if norms is not None and ref is not None \
+            else float("nan")
+        rows.append([name, t * 1e3, peak, f"{diff:.1e}"])
+    rows = [[n, t, t / rows[0][1], p, p / rows[0][2], d] for n, t, p, d in rows]
+    print_table(f"reward pass, {shape} {'tied' if tied else 'untied'}, {dtype}, G={G}, prompt {prompt_len}, "
+                f"completions {lo}..{hi} on {device_name(device)}",
+                ["method", "ms", "x floor", "peak GiB", "x floor mem", "max rel. diff vs loop"], rows)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def bench_generation(shape, device, dtype, batch=64, new_tokens=256, prompt_len=128):
+    """New tokens/s of `generate` at a fixed length, dynamic vs static (compiled) KV cache."""
+    from transformers import GenerationConfig
+    model, rows = random_model(shape, device, dtype), []
+    ids = torch.randint(1, BENCH_SHAPES[shape][5], (batch, prompt_len), device=device)
+    for cache in ("dynamic", "static"):
+        gen = GenerationConfig(do_sample=True, temperature=0.9, top_k=50, max_new_tokens=new_tokens, pad_token_id=0,
+                               min_new_tokens=new_tokens, eos_token_id=None, cache_implementation=cache)
+        first, t, _, _ = timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                      generation_config=gen), 1, device)
+        rows.append([cache, first, t, f"{batch * new_tokens / t:,.0f}"])
+    print_table(f"generation, {shape}, {batch} sequences x {new_tokens} new tokens, on {device_name(device)}",
+                ["cache", "first call s", "s", "new tokens/s"], rows)
+
+
+def bench_rl_step(shape, device, dtype, static_cache, steps=3):
+    """Whole `rl_step`s: 8 prompts x 8 completions up to the shape's longest completion, per_layer reward."""
+    model, ref = random_model(shape, device, dtype), random_model(shape, device, dtype)
+    ref.load_state_dict(model.state_dict())
+    ref.requires_grad_(False)
+    cfg = make_config({"prompts_per_step": 8, "max_completion_length": BENCH_SHAPES[shape][6][1], "lr": 1e-6,
+                       "grad_norm_method": "per_layer", "static_cache": static_cache, "micro_batch_size": 16})
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    prompts, tok, rows = [r["prompt"] * 12 for r in synthetic_split("train")[:8]], char_tokenizer(BENCH_SHAPES[shape][5]), []
+    for step in range(steps + 1):  # step 0 is the warm-up, not shown
+        m = rl_step(cfg, model, ref, tok, opt, sched, prompts, None)[0]
+        if step:
+            rows.append([step] + [m[k] for k in ("step_time", "time/generate", "time/reward", "time/reference",
+                                                 "time/update", "completions/mean_length")] + [f"{m['gen/tokens_per_s']:,.0f}"])
+    print_table(f"RL step, {shape}, 8 prompts x 8 completions up to {cfg.max_completion_length} tokens, static_cache="
+                f"{static_cache}, on {device_name(device)}" + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} "
+                                                                "GiB" if device.type == "cuda" else ""),
+                ["step", "total s", "generate s", "reward s", "reference s", "update s", "mean length", "gen tokens/s"],
+                rows)
+
+
+def bench(args):
+    """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied,generation,step] [--reps 3]
+    [--static_cache]: offline, on random weights; medians after a warm-up, peak memory with the weights."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python vigor.py bench", description=bench.__doc__)
+    p.add_argument("--shapes", default="tiny")
+    p.add_argument("--parts", default="reward,untied,generation,step")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--static_cache", action="store_true", help="RL step with the static compiled cache")
+    a = p.parse_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for shape in a.shapes.split(","):
+        for part, run in [("reward", lambda: bench_reward(shape, device, dtype, a.reps, True)),
+                          ("untied", lambda: bench_reward(shape, device, dtype, a.reps, False)),
+                          ("generation", lambda: bench_generation(shape, device, dtype)),
+                          ("step", lambda: bench_rl_step(shape, device, dtype, a.static_cache))]:
+            if part in a.parts.split(",") and not (shape == "1.5b" and part in ("generation", "step")):
+                run()
+
+
 COMMANDS = {"length-bias": lambda a: [length_bias(r) for r in a], "rank-table": lambda a: [rank_correctness(r) for r in a],
-            "compare": lambda a: compare_runs(a, os.path.join(a[0], "comparison.png")), "study": study}
+            "compare": lambda a: compare_runs(a, os.path.join(a[0], "comparison.png")), "study": study, "bench": bench}
 
 
 def main(argv=None):
