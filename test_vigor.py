@@ -320,11 +320,11 @@ def test_grading_synthetic_gsm8k_and_boxed():
 
 
 def test_synthetic_splits_are_disjoint():
-    splits = [{r["prompt"] for r in vigor.synthetic_split(s)} for s in ("warmstart", "train", "test")]
-    assert [len(x) for x in splits] == [4000, 2000, 1000]
-    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+    splits = [{r["prompt"] for r in vigor.synthetic_split(s)} for s in ("warmstart", "train", "test", "validation")]
+    assert [len(x) for x in splits] == [4000, 2000, 1000, 500]
+    assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
     with pytest.raises(vigor.DataError, match="splits"):
-        vigor.synthetic_split("validation")
+        vigor.synthetic_split("dev")
 
 
 def test_no_answer_in_the_asked_format_is_wrong():
@@ -618,7 +618,8 @@ def test_cli_reports_errors_without_traceback(out_dir):
 def test_rewards_to_compare_and_eval_samples(out_dir):
     for reward, over in [("self_certainty", {}), ("gt", {}), ("vigor", {"reward_params": "lm_head", "rank": False})]:
         out = vigor.train(quick(out_dir, run_name=f"r-{reward}", reward=reward, steps=2, eval_samples=2, **over))
-        assert "eval/synthetic/mean@2" in out["after"]
+        after = out["after"]
+        assert 0 <= after["eval/synthetic/mean@2"] <= after["eval/synthetic/pass@2"] <= 1
         rows = read_jsonl(os.path.join(out_dir, f"r-{reward}", "completions.jsonl"))
         if reward == "gt":
             assert all(r["score"] == float(r["correct"]) for r in rows)
@@ -645,6 +646,18 @@ def test_tensorboard_events_hold_the_metrics(out_dir, monkeypatch):
         quick(out_dir, report_to="tensorboard")
 
 
+def test_length_bias_is_measured_within_groups(tmp_path):
+    """||g|| = c / sqrt(T) inside every group, but long completions belong to hard prompts (large c): pooled
+    over prompts, raw ||g|| would *grow* with T; within groups the slope must be exactly -0.5."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_generations": 4}))
+    groups = [(100.0, [10, 20, 30, 40]), (1.0, [2, 3, 4, 6]), (10.0, [2, 3, 30, 40]), (5.0, [5, 5, 5, 5])]
+    rows = [{"step": 1, "length": T, "grad_norm": c / math.sqrt(T)} for c, lengths in groups for T in lengths]
+    (tmp_path / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    slope, table = vigor.length_bias(str(tmp_path), bins=2)
+    assert slope == pytest.approx(-0.5) and sum(r[1] for r in table) == 12  # the equal-length group tells nothing
+    assert all(r[3] == pytest.approx(1.0) for r in table) and table[0][2] > 1 > table[1][2]
+
+
 def test_analyses_and_study(out_dir, capsys):
     vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "2", "--warmstart_steps", "30",
                 "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12",
@@ -653,10 +666,13 @@ def test_analyses_and_study(out_dir, capsys):
     table = open(os.path.join(out_dir, "study.md")).read()
     for name in ("base (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt"):
         assert f"| {name} |" in table
-    assert "miniature study" in printed
+    assert table.count("| vigor |") == 2 and "gain over base" in table and "rank 1 early" in table
+    assert "miniature study" in printed and os.path.isfile(os.path.join(out_dir, "study-gt-s7", "metrics.jsonl"))
+    assert any("eval/synthetic/accuracy" in m and not m.get("final") and m["step"] > 0  # eval_every for the curves
+               for m in read_jsonl(os.path.join(out_dir, "study-gt-s7", "metrics.jsonl")))
     run = os.path.join(out_dir, "study-vigor-s7")
-    bias = vigor.length_bias(run)
-    assert len(bias) == 4 and sum(r[1] for r in bias) == 2 * 4 * 4
+    slope, bias = vigor.length_bias(run)
+    assert len(bias) == 4 and 0 < sum(r[1] for r in bias) <= 2 * 4 * 4 and math.isfinite(slope)
     ranks = vigor.rank_correctness(run)
     assert set(ranks) == {"early", "late"} and len(ranks["early"]) == 4
     rows = vigor.compare_runs([run, os.path.join(out_dir, "study-gt-s7")])

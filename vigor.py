@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -102,7 +103,7 @@ class Config:
     max_prompt_length: int = arg(512, "prompts with more tokens are skipped and counted (authors: 512)")
     # rollouts
     num_generations: int = arg(8, "G: completions per prompt (authors: 8); at least 2")
-    prompts_per_step: int = arg(8, "prompts per RL step; the step trains on prompts_per_step * G completions")
+    prompts_per_step: int = arg(32, "prompts per RL step; the step trains on prompts_per_step * G completions")
     max_completion_length: int = arg(24, "new tokens at most (authors: 1024 for 3B)")
     temperature: float = arg(0.9, "sampling temperature (authors: 0.9)")
     top_k: int = arg(50, "top-k sampling, 0 = off (authors: 50)")
@@ -119,8 +120,9 @@ class Config:
                                 "same exact norms from one batched backward, near the cost of plain training")
     grad_chunk_size: int = arg(0, "completions per chunk of the reward pass, 0 = chosen from free memory")
     # GRPO
-    steps: int = arg(300, "RL steps (one batch of prompts each)")
-    lr: float = arg(5e-5, "policy learning rate (authors: 2e-6 for Qwen2.5-3B)")
+    steps: int = arg(150, "RL steps (one batch of prompts each)")
+    lr: float = arg(2e-4, "policy learning rate (authors: 2e-6 for Qwen2.5-3B; the tiny default was chosen with "
+                    "reward gt on the validation split)")
     beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)")
     epsilon: float = arg(0.2, "lower clip of the ratio: 1 - epsilon (authors: 0.2)")
     epsilon_high: float = arg(0.2, "upper clip of the ratio: 1 + epsilon_high")
@@ -132,7 +134,8 @@ class Config:
     warmup_ratio: float = arg(0.1, "linear warmup fraction of the cosine schedule (authors: 0.1)")
     # logging, evaluation, checkpoints
     eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)")
-    eval_samples: int = arg(0, "also sample k completions per eval prompt (at temperature) and report mean accuracy")
+    eval_samples: int = arg(8, "before and after RL, also sample k completions per eval prompt (at temperature): "
+                            "mean@k accuracy and pass@k (one of k correct: what RL could reach); 0 = off")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)")
     report_to: str = arg("none", "none | tensorboard: metrics.jsonl's numbers also go to TensorBoard event files in "
@@ -264,8 +267,9 @@ def usage() -> str:
 # Data: the synthetic task, prompt loading through `datasets`, answer grading
 # ----------------------------------------------------------------------------------------------------
 def synthetic_problems(n, seed, exclude=frozenset()):
-    """Chains of 2-4 one-digit additions/subtractions; the gold completion lists the running totals.
-    "7+5-3=" -> "12,9": a multi-step task whose completions vary in length and correctness."""
+    """Chains of 2-4 one-digit additions/subtractions. The worked solution lists the running totals ("7+5-3=" ->
+    "12,9"), the answer is the last of them ("9"); the warm start teaches both, so the model chooses how much to
+    write (completions of one prompt differ in length 2x and more) and the last number is graded."""
     rng, rows, seen = random.Random(seed), [], set(exclude)
     while len(rows) < n:
         k = rng.randint(2, 4)
@@ -283,10 +287,11 @@ def synthetic_problems(n, seed, exclude=frozenset()):
 
 @functools.lru_cache(maxsize=None)
 def synthetic_split(split):
-    """Three disjoint splits: 'warmstart' (gold completions teach the tiny model), 'train' (RL prompts the
-    warm start never saw, like the paper's MATH problems for a base model), 'test' (held out). The task is
-    fixed, not seeded by the run, so every run shares one warm start."""
-    sizes, seen, rows = {"warmstart": 4000, "train": 2000, "test": 1000}, set(), {}
+    """Four disjoint splits: 'warmstart' (gold completions teach the tiny model), 'train' (RL prompts the
+    warm start never saw, like the paper's MATH problems for a base model), 'test' (held out, reported) and
+    'validation' (held out, for choosing hyperparameters). The task is fixed, not seeded by the run, so every
+    run shares one warm start."""
+    sizes, seen, rows = {"warmstart": 4000, "train": 2000, "test": 1000, "validation": 500}, set(), {}
     if split not in sizes:
         raise DataError(f"synthetic data has splits {list(sizes)}, not {split!r}")
     for seed, name in enumerate(sizes):
@@ -436,6 +441,9 @@ def pad_right(rows, pad_id):
     return out
 
 
+WARMSTART_DIRECT = 0.5  # fraction of warm-start solutions that give the answer alone, not the running totals
+
+
 def tiny_base_model(cfg: Config) -> str:
     """Folder of the warm-started tiny model: built once, cached under out_dir, keyed by what shapes it."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -444,7 +452,8 @@ def tiny_base_model(cfg: Config) -> str:
     if not os.path.isfile(arch_path):
         raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
     arch, rows = json.load(open(arch_path)), synthetic_split("warmstart")
-    key = hashlib.sha256(json.dumps([arch, rows, cfg.warmstart_steps, cfg.warmstart_lr]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, WARMSTART_DIRECT]).encode()
+                         ).hexdigest()[:12]
     folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -457,7 +466,8 @@ def tiny_base_model(cfg: Config) -> str:
     for step in range(cfg.warmstart_steps):
         batch = rng.sample(rows, 64)
         prompts = [tok(r["prompt"])["input_ids"] for r in batch]
-        seqs = [p + tok(r["solution"])["input_ids"] + [tok.eos_token_id] for p, r in zip(prompts, batch)]
+        solutions = [r["answer"] if rng.random() < WARMSTART_DIRECT else r["solution"] for r in batch]
+        seqs = [p + tok(s)["input_ids"] + [tok.eos_token_id] for p, s in zip(prompts, solutions)]
         ids = pad_right(seqs, tok.pad_token_id)
         mask = pad_right([[0] * len(p) + [1] * (len(s) - len(p)) for p, s in zip(prompts, seqs)], 0)[:, 1:]
         loss = -(token_logps(model(input_ids=ids).logits, ids) * mask).sum() / mask.sum()
@@ -1082,7 +1092,7 @@ def train(cfg: Config) -> dict:
     # bf16 compute for every forward from here on; log-probs, norms and the loss are computed in fp32
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         if state["eval_before"] is None:
-            state["eval_before"] = evaluate(policy, tok, eval_sets, cfg)
+            state["eval_before"] = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
             log_metrics(metrics_path, writer, {"step": 0, **state["eval_before"]})
         from tqdm.auto import tqdm
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True)
@@ -1116,7 +1126,7 @@ def train(cfg: Config) -> dict:
                 save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, state)
         bar.close()
 
-        final = evaluate(policy, tok, eval_sets, cfg)
+        final = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
     log_metrics(metrics_path, writer, {"step": cfg.steps, "final": True, **final})
     if writer is not None:
         writer.close()
@@ -1132,8 +1142,9 @@ def train(cfg: Config) -> dict:
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, tok, eval_sets, cfg) -> dict:
-    """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}."""
+def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
+    """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}; with
+    samples = k, also mean@k (accuracy of k sampled completions) and pass@k (a prompt with one correct of k)."""
     model.eval()
     out = {}
     for spec, questions, gold in eval_sets:
@@ -1142,10 +1153,12 @@ def evaluate(model, tok, eval_sets, cfg) -> dict:
         name = f"eval/{os.path.basename(spec['path'])}"
         out[f"{name}/accuracy"] = grade(ro, prompts, gold, cfg.answer_format).mean().item()
         out[f"{name}/mean_length"] = ro.lengths.float().mean().item()
-        if cfg.eval_samples:
-            ro = sample_groups(model, tok, prompts, cfg.eval_samples, cfg.max_completion_length,
-                               cfg.eval_batch_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-            out[f"{name}/mean@{cfg.eval_samples}"] = grade(ro, prompts, gold, cfg.answer_format).mean().item()
+        if samples:
+            ro = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, cfg.eval_batch_size,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+            correct = grade(ro, prompts, gold, cfg.answer_format).view(len(prompts), samples)
+            out[f"{name}/mean@{samples}"] = correct.mean().item()
+            out[f"{name}/pass@{samples}"] = correct.amax(1).mean().item()
     return out
 
 
@@ -1161,9 +1174,9 @@ def print_summary(summary, metrics_path, reward):
     metrics = read_jsonl(metrics_path)
     print(f"\nVIGOR run done in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
     for key in summary["after"]:
-        if key.endswith("/accuracy"):
-            print(f"  {key} (greedy, held out): before RL {summary['before'][key]:.1%}  after RL "
-                  f"{summary['after'][key]:.1%}")
+        what = "greedy, held out" if key.endswith("/accuracy") else "sampled, held out" if "@" in key else None
+        if what:
+            print(f"  {key} ({what}): before RL {summary['before'][key]:.1%}  after RL {summary['after'][key]:.1%}")
     score = {"vigor": "-sqrt(T) * ||g||", "self_certainty": "self-certainty", "gt": "correctness"}[reward]
     for key, what in [("completions/mean_length", "mean completion length (tokens)"), ("score", f"mean score ({score})"),
                       ("reward_std", "reward std within groups (the mean is 0 for rank rewards)"),
@@ -1212,22 +1225,37 @@ def save_plot(path, panels):
 
 
 def length_bias(run_dir, bins=4):
-    """Raw ||g|| and sqrt(T)*||g|| per completion-length bin (paper: raw falls ~1/sqrt(T), corrected flat)."""
+    """Does raw ||g|| shrink like 1/sqrt(T) with length while sqrt(T)*||g|| stays flat (paper)? Compared inside
+    each group (completions of one prompt), so a prompt's difficulty cannot stand in for its length: a norm is
+    divided by its group's geometric mean, and the slope of log-norm on log T, pooled over groups after
+    removing each group's mean, estimates the exponent (paper: -0.5 raw, 0 corrected)."""
+    G = json.load(open(os.path.join(run_dir, "config.json")))["num_generations"]
     rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if "grad_norm" in r]
     if not rows:
         raise DataError(f"{run_dir} logged no gradient norms (reward must be vigor)")
-    rows.sort(key=lambda r: r["length"])
+    dev = []  # (T, log T - group mean, log ||g|| - group mean) of groups whose lengths differ
+    for g in range(0, len(rows) - G + 1, G):
+        t = torch.tensor([float(r["length"]) for r in rows[g:g + G]])
+        n = torch.tensor([r["grad_norm"] for r in rows[g:g + G]]).log()
+        if t.unique().numel() > 1:
+            dev += zip(t.tolist(), (t.log() - t.log().mean()).tolist(), (n - n.mean()).tolist())
+    if not dev:
+        raise DataError(f"{run_dir}: no group has completions of different lengths")
+    dev.sort()
+    slope = sum(x * y for _, x, y in dev) / sum(x * x for _, x, _ in dev)
     table = []
     for b in range(bins):
-        part = rows[b * len(rows) // bins:(b + 1) * len(rows) // bins]
-        raw = sum(r["grad_norm"] for r in part) / len(part)
-        fixed = sum(r["grad_norm"] * math.sqrt(r["length"]) for r in part) / len(part)
-        table.append((f"{part[0]['length']}-{part[-1]['length']}", len(part), raw, fixed))
-    print_table(f"length bias, {run_dir}", ["T (tokens)", "completions", "raw ||g||", "sqrt(T)*||g||"], table)
+        part = dev[b * len(dev) // bins:(b + 1) * len(dev) // bins]
+        raw = sum(y for _, _, y in part) / len(part)  # geometric means, like the slope
+        table.append((f"{part[0][0]:.0f}-{part[-1][0]:.0f}", len(part), math.exp(raw),
+                      math.exp(raw + sum(x for _, x, _ in part) / len(part) / 2)))
+    print_table(f"length bias within groups, {run_dir}: slope of log ||g|| on log T {slope:+.2f} raw, "
+                f"{slope + 0.5:+.2f} with sqrt(T) (paper: -0.5, 0)",
+                ["T (tokens)", "completions", "raw ||g|| / group mean", "sqrt(T)*||g|| / group mean"], table)
     save_plot(os.path.join(run_dir, "length_bias.png"), [
-        ("raw ||g||", {"raw": ([r[0] for r in table], [r[2] for r in table])}),
-        ("sqrt(T) * ||g||", {"corrected": ([r[0] for r in table], [r[3] for r in table])})])
-    return table
+        ("raw ||g|| / group mean", {"raw": ([r[0] for r in table], [r[2] for r in table])}),
+        ("sqrt(T) * ||g|| / group mean", {"corrected": ([r[0] for r in table], [r[3] for r in table])})])
+    return slope, table
 
 
 def rank_correctness(run_dir, fraction=0.2):
@@ -1283,27 +1311,53 @@ STUDY = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "vigor_no_rank": {"r
 
 
 def study(args):
-    """The paper's comparison in miniature: base / vigor / ablations / self_certainty / gt, over seeds."""
+    """The paper's comparison in miniature: base / vigor / ablations / self_certainty / gt over seeds, and each
+    claim's number: gain over the base, length drift, KL, within-group length slope, best- vs worst-rank accuracy.
+    Writes study.md (both tables) and study.png (held-out accuracy, KL and length over training, seed means)."""
     seeds = [7, 8, 9]
     if "--seeds" in args:
         i = args.index("--seeds")
         seeds, args = [int(x) for x in args[i + 1].split(",")], args[:i] + args[i + 2:]
     base = load_config(args)
-    results = defaultdict(list)
+    runs = defaultdict(list)
     for seed in seeds:
         for name, over in STUDY.items():
-            cfg = make_config({**dataclasses.asdict(base), **over, "seed": seed, "run_name": f"study-{name}-s{seed}"})
+            cfg = make_config({**dataclasses.asdict(base), **over, "seed": seed, "run_name": f"study-{name}-s{seed}",
+                               "eval_every": base.eval_every or max(1, base.steps // 10)})
             print(f"\n=== {cfg.run_name}")
-            results[name].append(train(cfg)["run_dir"])
-    rows = {name: compare_runs(runs) for name, runs in results.items()}
+            runs[name].append(train(cfg)["run_dir"])
     mean_sd = lambda xs: f"{sum(xs) / len(xs):.3f} ± {torch.tensor(xs).std().item() if len(xs) > 1 else 0:.3f}"
-    table = [("base (no RL)", mean_sd([r[1] for r in rows["vigor"]]), "", "", "")]
-    table += [(name, mean_sd([r[2] for r in rs]), mean_sd([r[3] for r in rs]), mean_sd([r[4] for r in rs]),
-               mean_sd([r[6] for r in rs])) for name, rs in rows.items()]
-    header = ["method", "held-out accuracy", "mean length", "KL", "sampled accuracy (last 20%)"]
+    main, claims, curves = [], [], defaultdict(dict)
+    for name, dirs in runs.items():
+        logs = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs]
+        acc = next(k for k in logs[0][0] if k.endswith("/accuracy"))
+        sampled = acc.replace("/accuracy", f"/mean@{base.eval_samples}")
+        col = lambda f: mean_sd([f(m) for m in logs])
+        if not main:
+            main.append(("base (no RL)", col(lambda m: m[0][acc]), "", col(lambda m: m[0].get(sampled, math.nan)), "", ""))
+        main.append((name, col(lambda m: m[-1][acc]), col(lambda m: m[-1][acc] - m[0][acc]),
+                     col(lambda m: m[-1].get(sampled, math.nan)),
+                     f"{col(lambda m: window_mean(m, 'completions/mean_length', False))} -> "
+                     f"{col(lambda m: window_mean(m, 'completions/mean_length'))}", col(lambda m: window_mean(m, "kl"))))
+        if name.startswith("vigor") or name == "self_certainty":
+            with contextlib.redirect_stdout(io.StringIO()):  # their tables per run would drown the summary
+                slopes = [length_bias(d)[0] for d in dirs] if name.startswith("vigor") else [math.nan]
+                ranks = [rank_correctness(d) for d in dirs]
+            claims.append((name, mean_sd(slopes), *(mean_sd([r[when][i] for r in ranks])
+                                                    for when in ("early", "late") for i in (0, -1))))
+        for key in (acc, "kl", "completions/mean_length"):
+            pts = [[(m["step"], m[key]) for m in log if key in m] for log in logs]
+            curves[key][name] = ([s for s, _ in pts[0]], [sum(p[i][1] for p in pts) / len(pts) for i in range(len(pts[0]))])
+    text = print_table(f"miniature study, seeds {seeds} (mean ± sd over seeds; held-out = {acc})",
+                       ["method", "held-out greedy accuracy", "gain over base", f"held-out mean@{base.eval_samples}",
+                        "mean length, first -> last 20% of steps", "KL (last 20%)"], main)
+    text += "\n\n" + print_table("claims' numbers: within-group log ||g|| vs log T slope (paper: -0.5), accuracy "
+                                  "of the best- and worst-scored completion of each group, first/last 20% of steps",
+                                  ["reward", "raw ||g|| slope", "rank 1 early", f"rank {base.num_generations} early",
+                                   "rank 1 late", f"rank {base.num_generations} late"], claims)
     with open(os.path.join(base.out_dir, "study.md"), "w") as f:
-        f.write(print_table(f"miniature study, seeds {seeds} (mean ± sd)", header, table) + "\n")
-    compare_runs([r for runs in results.values() for r in runs], os.path.join(base.out_dir, "study.png"))
+        f.write(text + "\n")
+    save_plot(os.path.join(base.out_dir, "study.png"), [(k, v) for k, v in curves.items()])
 
 
 # ----------------------------------------------------------------------------------------------------
