@@ -312,6 +312,8 @@ def test_grading_synthetic_gsm8k_and_boxed():
     assert vigor.extract_answer("12,9,11") == "11"
     assert vigor.is_correct("so she pays 1,000 dollars", "She pays 500*2 = 1000\n#### 1,000")
     assert vigor.is_correct("She pays 1000.\n#### 1000\nThe answer is: 1000", "#### 1,000", "gsm8k")
+    assert vigor.is_correct("#### $1,000 dollars\n#### 5", "#### 1000", "gsm8k")  # the first ####, its number
+    assert not vigor.is_correct("#### 5\n#### 1000", "#### 1000", "gsm8k")
     assert vigor.is_correct("The answer is $\\boxed{\\frac{1}{2}}$.", "\\boxed{\\dfrac{1}{2}}", "boxed")
     assert vigor.extract_answer("\\boxed{x^{2}+1}", "boxed") == "x^{2}+1"
     assert not vigor.is_correct("no number here", "#### 4")

@@ -371,12 +371,13 @@ def last_boxed(text):
 
 def extract_answer(text, fmt="last_number"):
     """The final answer of a completion in format `fmt`, None when it has none (no credit, as in open-r1):
-    boxed: the last \\boxed{...};  gsm8k: the line after the first '####' (lm-eval's strict match: a model that
-    rambles on after its answer is graded on the answer);  last_number: the last number."""
+    boxed: the last \\boxed{...};  gsm8k: the number after the first '####' (lm-eval's strict match: a model
+    that rambles on after its answer is graded on the answer);  last_number: the last number."""
     if fmt == "boxed":
         return last_boxed(text)
     if fmt == "gsm8k":
-        return text.split("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+        found = re.search(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+        return found.group(1) if found else None
     numbers = re.findall(r"-?\d+(?:\.\d+)?", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))  # 1,000 but not 12,9
     return numbers[-1] if numbers else None
 
@@ -1341,9 +1342,9 @@ def study(args):
                      f"{col(lambda m: window_mean(m, 'completions/mean_length'))}", col(lambda m: window_mean(m, "kl"))))
         if name.startswith("vigor") or name == "self_certainty":
             with contextlib.redirect_stdout(io.StringIO()):  # their tables per run would drown the summary
-                slopes = [length_bias(d)[0] for d in dirs] if name.startswith("vigor") else [math.nan]
+                slopes = [length_bias(d)[0] for d in dirs] if name.startswith("vigor") else []
                 ranks = [rank_correctness(d) for d in dirs]
-            claims.append((name, mean_sd(slopes), *(mean_sd([r[when][i] for r in ranks])
+            claims.append((name, mean_sd(slopes) if slopes else "no norms", *(mean_sd([r[when][i] for r in ranks])
                                                     for when in ("early", "late") for i in (0, -1))))
         for key in (acc, "kl", "completions/mean_length"):
             pts = [[(m["step"], m[key]) for m in log if key in m] for log in logs]
