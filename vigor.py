@@ -369,6 +369,9 @@ def last_boxed(text):
     return None
 
 
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # the comma of 1,000 (but not of 12,9: two running totals)
+
+
 def extract_answer(text, fmt="last_number"):
     """The final answer of a completion in format `fmt`, None when it has none (no credit, as in open-r1):
     boxed: the last \\boxed{...};  gsm8k: the number after the first '####' (lm-eval's strict match: a model
@@ -378,7 +381,7 @@ def extract_answer(text, fmt="last_number"):
     if fmt == "gsm8k":
         found = re.search(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
         return found.group(1) if found else None
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))  # 1,000 but not 12,9
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", THOUSANDS.sub("", text))
     return numbers[-1] if numbers else None
 
 
@@ -390,7 +393,7 @@ def gold_answer(gold):
 
 def normalize_answer(answer):
     s = re.sub(r"\\text\{(.*?)\}|\\left|\\right|\\[!,;: ]|\$|\s", r"\1", answer).rstrip(".")
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    s = THOUSANDS.sub("", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
     try:
         return repr(float(s))
     except ValueError:
@@ -1287,6 +1290,11 @@ def rank_correctness(run_dir, fraction=0.2):
     return table
 
 
+def curve(metrics, key):
+    """(steps, values) of `key` over a run's metrics.jsonl lines."""
+    return [m["step"] for m in metrics if key in m], [m[key] for m in metrics if key in m]
+
+
 def compare_runs(run_dirs, out_png=None):
     """One row per run folder (final accuracy, mean length, KL, score) and training curves on one figure."""
     table, curves = [], defaultdict(dict)
@@ -1298,8 +1306,7 @@ def compare_runs(run_dirs, out_png=None):
                       final[-1].get(acc_key, float("nan")) if final else float("nan"),
                       *(window_mean(metrics, k) for k in ("completions/mean_length", "kl", "score", "train/accuracy"))))
         for key in ("score", "kl", "completions/mean_length", "train/accuracy", acc_key):
-            pts = [(m["step"], m[key]) for m in metrics if key in m]
-            curves[key][table[-1][0]] = ([p[0] for p in pts], [p[1] for p in pts])
+            curves[key][table[-1][0]] = curve(metrics, key)
     print_table("run comparison (last 20% of steps for length, KL, score, sampled accuracy)",
                 ["run", "accuracy before", "accuracy after", "mean length", "KL", "score", "sampled accuracy"], table)
     if out_png:
@@ -1347,8 +1354,8 @@ def study(args):
             claims.append((name, mean_sd(slopes) if slopes else "no norms", *(mean_sd([r[when][i] for r in ranks])
                                                     for when in ("early", "late") for i in (0, -1))))
         for key in (acc, "kl", "completions/mean_length"):
-            pts = [[(m["step"], m[key]) for m in log if key in m] for log in logs]
-            curves[key][name] = ([s for s, _ in pts[0]], [sum(p[i][1] for p in pts) / len(pts) for i in range(len(pts[0]))])
+            per_seed = [curve(log, key) for log in logs]
+            curves[key][name] = (per_seed[0][0], [sum(v) / len(v) for v in zip(*(ys for _, ys in per_seed))])
     text = print_table(f"miniature study, seeds {seeds} (mean ± sd over seeds; held-out = {acc})",
                        ["method", "held-out greedy accuracy", "gain over base", f"held-out mean@{base.eval_samples}",
                         "mean length, first -> last 20% of steps", "KL (last 20%)"], main)
