@@ -282,7 +282,7 @@ def test_all_identical_group_causes_no_update(monkeypatch, out_dir):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics, _, rw = vigor.rl_step(cfg, model, model, tok, opt, sched, ["3+4="], ["7"])
+    metrics, rw = vigor.rl_step(cfg, model, model, tok, opt, sched, ["3+4="], ["7"])
     assert torch.equal(rw["advantage"], torch.zeros(4))
     assert metrics["frac_reward_zero_std"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -298,7 +298,7 @@ def test_truncated_completions_can_be_left_out_of_the_loss(monkeypatch, out_dir)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics, _, rw = vigor.rl_step(cfg, model, model, tok, opt, sched, ["x"], None)
+    metrics, rw = vigor.rl_step(cfg, model, model, tok, opt, sched, ["x"], None)
     assert (rw["advantage"] != 0).any(), "the rewards differ, only the mask may stop the update"
     assert metrics["completions/clipped_ratio"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -746,3 +746,147 @@ def test_chat_template_and_system_prompt_are_used():
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     assert vigor.format_prompt(tok, "1+2=", "Think.") == "<system>Think.<user>1+2=<assistant>"
     assert vigor.format_prompt(tok, "1+2=") == "<user>1+2=<assistant>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# several processes: torchrun, gloo on the CPU (DDP and FSDP2)
+# ---------------------------------------------------------------------------------------------------
+def torchrun(args, nproc=2):
+    """A command that runs `args` (a `cli` list: python, script, flags...) under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args[1:]]
+
+
+def fixed_rollouts(prompts, G=4):
+    """Rollouts that depend on the prompt alone: prompt "k" gets G completions of 2 + 4k + j tokens, so the ranks
+    hold very different token counts (a per-rank loss normalisation would show)."""
+    seqs, masks, lengths = [], [], []
+    for k in map(int, prompts):
+        for j in range(G):
+            T, g = 2 + 4 * k + j, torch.Generator().manual_seed(100 * k + j)
+            seqs.append([5, 6, 7 + k] + torch.randint(3, 37, (T,), generator=g).tolist())
+            masks.append([0, 0, 0] + [1] * T)
+            lengths.append(T)
+    n = len(seqs)
+    return vigor.Rollouts(vigor.pad_right(seqs, 0), vigor.pad_right(masks, 0), torch.tensor(lengths),
+                          torch.zeros(n, dtype=torch.bool), ["c"] * n, [i // G for i in range(n)])
+
+
+def one_step_worker(parallelism, out):
+    """`python test_vigor.py one-step ddp|fsdp OUT`, under torchrun or alone: one rl_step of each loss type on
+    fixed rollouts of 4 prompts (this rank's share), SGD with lr 1 so the parameter change is the clipped
+    gradient itself (AdamW's first step is lr * sign(g), which would hide a wrong gradient scale)."""
+    vigor.sample_groups = lambda model, tok, prompts, *a, **k: fixed_rollouts(prompts)
+    results = {}
+    for loss_type in ("bnpo", "grpo"):
+        cfg = vigor.make_config({"parallelism": parallelism, "grad_norm_method": "per_layer", "prompts_per_step": 4,
+                                 "num_generations": 4, "micro_batch_size": 3, "beta": 0.1, "max_grad_norm": 0.05,
+                                 "loss_type": loss_type, "device": "cpu"})
+        _, dtype = vigor.setup_device(cfg)
+        rank, world = vigor.rank_and_world()
+        policy, ref = tiny_model(True), tiny_model(True).requires_grad_(False)
+        trainer = vigor.parallelize(cfg, policy, ref, dtype)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        share = 4 // world
+        m, _ = vigor.rl_step(cfg, policy, ref, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                             [str(k) for k in range(4)][rank * share:(rank + 1) * share], None, trainer)
+        if parallelism == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            params = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+        else:
+            params = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        results[loss_type] = (params, m)
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_n_processes_make_the_update_of_one_process(tmp_path):
+    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    got = {}
+    for name, cmd in [("one", [sys.executable]), ("ddp", torchrun([sys.executable])), ("fsdp", torchrun([sys.executable]))]:
+        proc = run([*cmd, os.path.join(HERE, "test_vigor.py"), "one-step", "ddp" if name == "one" else name,
+                    str(tmp_path / name)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[name] = torch.load(tmp_path / name, weights_only=True)
+    before = tiny_model(True).state_dict()
+    for loss_type in ("bnpo", "grpo"):
+        want, m1 = got["one"][loss_type]
+        moved = max((want[k] - before[k]).abs().max().item() for k in want)
+        assert moved > 1e-3, "the step must move the parameters well beyond the tolerance"
+        for name in ("ddp", "fsdp"):
+            params, m = got[name][loss_type]
+            assert max((params[k] - want[k]).abs().max().item() for k in want) < 1e-5, (name, loss_type)
+            for key in ("loss", "kl", "grad_norm", "reward_std", "vigor/grad_norm_raw", "completions/mean_length"):
+                assert m[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), (name, loss_type, key)
+
+
+def test_torchrun_ddp_run_shares_prompts_and_evaluates_like_one_process(out_dir):
+    over = dict(eval_batch_size=4, eval_samples=0)  # 16 eval prompts: 4 batches, 2 per rank
+    one = vigor.train(quick(out_dir, run_name="one-eval", steps=0, **over))
+    proc = subprocess.run(torchrun(cli(out_dir, run_name="ddp2", **over)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("VIGOR run done") == 1 and "x 2 processes (ddp)" in proc.stdout  # rank 0 alone prints
+    run = os.path.join(out_dir, "ddp2")
+    metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    assert metrics[0] == {"step": 0, **one["before"]}  # greedy, same model, same batches: exactly equal
+    comp = read_jsonl(os.path.join(run, "completions.jsonl"))
+    cfg = quick(out_dir)
+    prompts = vigor.load_prompts(cfg.train_data)[0]
+    for step in range(1, 7):  # every step logs prompts_per_step * G completions: the global batch, both ranks
+        rows = [c for c in comp if c["step"] == step]
+        assert len(rows) == 4 * 4
+        want = [prompts[i] for i in vigor.prompt_batch(len(prompts), step - 1, 4, cfg.seed)]
+        assert [r["prompt"] for r in rows[::4]] == want
+    assert [m["step"] for m in metrics if "kl" in m] == [1, 2, 3, 4, 5, 6]
+    assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
+
+
+def test_fsdp_run_resumes_after_sigkill_and_refuses_another_world_size(out_dir):
+    over = dict(parallelism="fsdp", grad_norm_method="per_layer", steps=8, save_every=2, eval_samples=2)
+    full = subprocess.run(torchrun(cli(out_dir, run_name="fsdp-whole", **over)), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = os.path.join(out_dir, "fsdp-killed")
+    proc = subprocess.Popen(torchrun(cli(out_dir, run_name="fsdp-killed", **over)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and vigor.latest_checkpoint(run) is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers at once, like a lost node
+    proc.wait()
+    killed_at = vigor.latest_checkpoint(run)
+    assert killed_at is not None and not killed_at.endswith("checkpoint-8"), "the kill came too late to test resume"
+    assert os.path.isdir(os.path.join(killed_at, "sharded"))  # DCP shards, no full model in the checkpoint
+    again = subprocess.run(torchrun(cli(out_dir, run_name="fsdp-killed", **over)), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        want, got = (read_jsonl(os.path.join(out_dir, r, name)) for r in ("fsdp-whole", "fsdp-killed"))
+        assert without_timing(got) == without_timing(want), name
+    from transformers import AutoModelForCausalLM  # final/ is a from_pretrained folder, the same model both ways
+    a, b = (AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, r, "final")) for r in ("fsdp-whole", "fsdp-killed"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    one = subprocess.run(torchrun(cli(out_dir, run_name="fsdp-whole", **over), nproc=1), capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode != 0 and "written by 2 process(es), this run has 1" in one.stderr
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"device": "cuda"}, "CUDA is not available"),
+    ({"prompts_per_step": 3}, "must be a multiple of the 2 processes"),
+    ({"parallelism": "fsdp", "lora_r": 4}, "with LoRA use ddp"),
+    ({"parallelism": "fsdp"}, "needs grad_norm_method per_layer")])
+def test_torchrun_bad_input_stops_every_rank_with_one_message(out_dir, over, message):
+    t = time.time()
+    proc = subprocess.run(torchrun(cli(out_dir, run_name="bad", **over)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("error: ") == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - t < 100 and not os.path.exists(os.path.join(out_dir, "bad"))
+
+
+def test_fsdp_needs_torchrun(out_dir):
+    with pytest.raises(vigor.ConfigError, match="torchrun --nproc_per_node N"):
+        vigor.train(quick(out_dir, run_name="fsdp-alone", parallelism="fsdp", grad_norm_method="per_layer"))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
+    one_step_worker(*sys.argv[2:4])

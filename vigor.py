@@ -14,8 +14,8 @@ Reward", arXiv 2605.09920). Per step:
 The reward is a constant for the update (stop-gradient): no second-order terms.
 
 What is simplified compared with the authors' code (open-r1 + a TRL fork), and why:
-- One process, one device, Hugging Face `generate` batched over every group of a step; no vLLM or
-  DeepSpeed, so the whole algorithm reads top to bottom.
+- Hugging Face `generate` batched over every group of a step, no vLLM; one process, or several under
+  `torchrun` with PyTorch's own DDP or FSDP2 (no DeepSpeed), so the whole algorithm reads top to bottom.
 - Gradient norms come from `torch.func` (vmap over per-sample grads) instead of a Python loop of
   `autograd.grad` calls; squares are summed in float32 (the authors summed in bf16).
 - Identical completions inside a group share the mean of their rank rewards: the authors' tie rule
@@ -48,6 +48,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch.func import functional_call, grad, vmap
 
@@ -91,6 +92,8 @@ class Config:
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the policy update (not in the reward pass)")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
+    parallelism: str = arg("ddp", "under torchrun: ddp (every rank holds the whole model) | fsdp (FSDP2: weights, "
+                           "gradients and AdamW states sharded over ranks; full fine-tuning, reward per_layer or lm_head)")
     # data
     train_data: dict = arg(SYNTHETIC_TRAIN, "prompts for RL: {path, name, split, prompt_column, answer_column, "
                            "limit}; path is 'synthetic', a .json/.jsonl/.csv/.parquet file, a folder or a hub name; "
@@ -156,7 +159,8 @@ DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
 CHOICES = {"reward": ("vigor", "self_certainty", "gt"), "loss_type": ("bnpo", "grpo"),
            "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager"),
            "reward_params": ("all", "lm_head"), "answer_format": ("auto", "boxed", "gsm8k", "last_number"),
-           "report_to": ("none", "tensorboard"), "grad_norm_method": ("vmap", "per_layer")}
+           "report_to": ("none", "tensorboard"), "grad_norm_method": ("vmap", "per_layer"),
+           "parallelism": ("ddp", "fsdp")}
 
 
 def _typed(name, kind, value, from_cli):
@@ -212,6 +216,11 @@ def validate(cfg: Config):
         (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
         (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
          "report_to: tensorboard needs the tensorboard package: pip install tensorboard"),
+        (cfg.parallelism != "fsdp" or not cfg.lora_r, "parallelism fsdp shards a full fine-tune; with LoRA use ddp "
+         "(the frozen base is then replicated and only the adapter is trained)"),
+        (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
+         cfg.grad_norm_method == "per_layer", "parallelism fsdp needs grad_norm_method per_layer: torch.func's vmap "
+         "cannot take per-sample gradients of sharded parameters"),
     ]
     checks += [(getattr(cfg, k) in v, f"{k} must be one of {v}") for k, v in CHOICES.items()]
     for ok, message in checks:
@@ -545,6 +554,107 @@ def stop_token_ids(model, tok):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Devices and processes: one, or N under `torchrun --nproc_per_node N vigor.py` (DDP or FSDP2)
+# ----------------------------------------------------------------------------------------------------
+def setup_device(cfg):
+    """(device, dtype). Under torchrun (WORLD_SIZE set) also joins the process group: nccl on CUDA with one GPU
+    per process (cuda:LOCAL_RANK), gloo on CPU. Settings are checked first, so every rank stops on the same error."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    world, local = int(os.environ.get("WORLD_SIZE", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device} asked for but CUDA is not available")
+    if cfg.parallelism == "fsdp" and not world:
+        raise ConfigError("parallelism fsdp shards the model over processes: launch with "
+                          "torchrun --nproc_per_node N vigor.py ... (N = 1 works)")
+    if world:
+        if cfg.prompts_per_step % world:
+            raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} is the global batch: it must be a multiple "
+                              f"of the {world} processes (each rank takes an equal share)")
+        if name.startswith("cuda:"):
+            raise ConfigError("under torchrun each process takes cuda:LOCAL_RANK: set device auto or cuda, not cuda:N")
+        if name == "cuda":
+            if local >= torch.cuda.device_count():
+                raise ConfigError(f"torchrun started a process for GPU {local}, but {torch.cuda.device_count()} are visible")
+            name = f"cuda:{local}"
+            torch.cuda.set_device(name)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if name != "cpu" else "gloo")
+    device = torch.device(name)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[cfg.dtype]
+    return device, dtype
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_sum(t):
+    """A tensor summed over every rank (itself on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] for small picklable objects (texts, metrics, RNG states)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def parallelize(cfg, policy, ref, dtype):
+    """The module the update's forward and backward go through; generation and the reward pass use `policy`.
+    One process: the policy itself. Under torchrun, ddp: a DistributedDataParallel wrapper (each rank holds the
+    whole model); fsdp: FSDP2 shards each decoder layer, then the rest, of the policy and the reference in place
+    (each rank holds 1/N of the weights, gradients and AdamW states; a layer's weights are all-gathered for its
+    forward and backward, in the compute dtype). Both average the gradients of the ranks."""
+    if not dist.is_initialized():
+        return policy
+    if cfg.parallelism == "ddp":  # the weights are broadcast from rank 0 (a LoRA init is random)
+        device = policy.device
+        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    for model, mp in ((policy, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)),
+                      (ref, MixedPrecisionPolicy())):
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return policy
+
+
+def fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: keep every layer's full weights for generation and the reward pass (no-op otherwise). Ranks sample
+    completions of different lengths, so they run different numbers of forward passes; with the weights
+    gathered once up front, those passes need no collective that the other ranks would have to join."""
+    shards = fsdp_modules(model)
+    for m in shards:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in shards:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
+            m.reshard()
+
+
+# ----------------------------------------------------------------------------------------------------
 # Rollouts: G sampled completions per prompt, all groups of a step batched together
 # ----------------------------------------------------------------------------------------------------
 @dataclass
@@ -576,7 +686,8 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
     for start in range(0, len(prompts), step):
         enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)
-        out = model.generate(**enc, generation_config=gen).cpu()
+        # synced_gpus: HF would step FSDP ranks together; weights are gathered (`gathered`), so each goes alone
+        out = model.generate(**enc, generation_config=gen, synced_gpus=False).cpu()
         width = enc["input_ids"].shape[1]
         for row, new in enumerate(out[:, width:].tolist()):
             p = row // num_generations
@@ -882,20 +993,44 @@ def truncate_jsonl(path, last_step):
         os.replace(path + ".tmp", path)
 
 
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def sharded_checkpoint(path, policy, optimizer, load=False):
+    """FSDP: every rank writes (or reads back) its own shards of the weights and AdamW states, with
+    torch.distributed.checkpoint; no rank ever holds the whole model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    if not load:
+        return dcp.save(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     """Atomic: write checkpoint-N.tmp, rename it, then repoint `latest` with an atomic replace. A kill at
-    any moment leaves `latest` naming a complete checkpoint. Weights in safetensors, the rest tensors and
-    plain types (loaded with weights_only=True, no arbitrary unpickling)."""
+    any moment leaves `latest` naming a complete checkpoint. Weights in safetensors (FSDP: DCP shards in
+    sharded/), the rest tensors and plain types (loaded with weights_only=True, no arbitrary unpickling).
+    Rank 0 writes all but the shards; every rank's RNG state is kept, so a resumed run samples the same."""
+    rank, world = rank_and_world()
     final = os.path.join(run_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                "step": step, "state": state}, os.path.join(tmp, "trainer_state.pt"))
+    tmp, sharded = final + ".tmp", bool(fsdp_modules(policy))
+    rngs = all_gather(rng_state(policy.device))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        if not sharded:
+            policy.save_pretrained(tmp)
+    if sharded:
+        barrier()  # the folder is fresh before any rank writes into it
+        sharded_checkpoint(os.path.join(tmp, "sharded"), policy, optimizer)
+    if rank > 0:
+        return
+    torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rngs, "world_size": world, "step": step, "state": state}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
@@ -956,34 +1091,48 @@ class BadStepError(RuntimeError):
     pass
 
 
-def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
-    """One VIGOR/GRPO step on a batch of prompts; returns (metrics, rollouts, rewards)."""
-    G, t0 = cfg.num_generations, time.perf_counter()
+def gather_columns(columns):
+    """{name: [n] tensor or list} of every rank, concatenated in rank order (ranks hold equal shares)."""
+    parts = all_gather(columns)
+    return {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(v) else [x for p in parts for x in p[k]]
+            for k, v in columns.items()}
+
+
+def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, trainer=None):
+    """One VIGOR/GRPO step on this rank's batch of prompts; returns (metrics, completions): the completions of
+    every rank with their texts, prompts, lengths, scores, rewards and advantages, {name: [N] tensor or list}.
+    `trainer` is the module the update runs through (`parallelize`), the policy itself on one process."""
+    G, t0, trainer = cfg.num_generations, time.perf_counter(), trainer or policy
+    (rank, world), dev = rank_and_world(), policy.device
     policy.eval()
-    ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
-                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
-    t1 = time.perf_counter()
-    correct = grade(ro, prompts, answers, cfg.answer_format) if answers is not None else None
-    rw = compute_rewards(cfg, policy, ro, correct)
+    with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
+        ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
+        t1 = time.perf_counter()
+        correct = grade(ro, prompts, answers, cfg.answer_format) if answers is not None else None
+        rw = compute_rewards(cfg, policy, ro, correct)
     t2 = time.perf_counter()
-    lengths = ro.lengths.float()
-    m = {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].view(-1, G).std(1).mean().item(),
-         "frac_reward_zero_std": (rw["reward"].view(-1, G).std(1) == 0).float().mean().item(),
-         "score": rw["score"].mean().item(), "completions/mean_length": lengths.mean().item(),
-         "completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
-         "completions/clipped_ratio": ro.truncated.float().mean().item(),
-         "gen/tokens_per_s": lengths.sum().item() / (t1 - t0), "time/generate": t1 - t0, "time/reward": t2 - t1}
-    if "grad_norm" in rw:
-        m["vigor/grad_norm_raw"] = rw["grad_norm"].mean().item()
-        m["vigor/sqrt_t_grad_norm"] = (rw["grad_norm"] * lengths.sqrt()).mean().item()
     if correct is not None:
-        m["train/accuracy"] = correct.mean().item()
         rw["correct"] = correct
-    bad = [k for k, v in rw.items() if not torch.isfinite(v).all()]
+    # metrics and logged completions cover every rank's completions; the update uses this rank's own
+    done = gather_columns({"prompt": [prompts[i] for i in ro.prompt_index], "completion": ro.completions,
+                           "length": ro.lengths, "truncated": ro.truncated, **rw})
+    lengths, rewards = done["length"].float(), done["reward"].view(-1, G)
+    m = {"reward": rewards.mean().item(), "reward_std": rewards.std(1).mean().item(),
+         "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
+         "score": done["score"].mean().item(), "completions/mean_length": lengths.mean().item(),
+         "completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
+         "completions/clipped_ratio": done["truncated"].float().mean().item(),
+         "gen/tokens_per_s": lengths.sum().item() / (t1 - t0), "time/generate": t1 - t0, "time/reward": t2 - t1}
+    if "grad_norm" in done:
+        m["vigor/grad_norm_raw"] = done["grad_norm"].mean().item()
+        m["vigor/sqrt_t_grad_norm"] = (done["grad_norm"] * lengths.sqrt()).mean().item()
+    if correct is not None:
+        m["train/accuracy"] = done["correct"].mean().item()
+    bad = [k for k in rw if not torch.isfinite(done[k]).all()]
     if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
         raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
 
-    dev = policy.device
     ids, adv = ro.input_ids.to(dev), rw["advantage"].to(dev)
     mask = ro.loss_mask[:, 1:].to(dev).float()
     if cfg.mask_truncated_completions:
@@ -995,58 +1144,53 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers):
         old_logps = torch.cat([policy_logps(policy, ids[b], cfg.temperature)[0] for b in batches]) \
             if cfg.num_iterations > 1 else None
     t3 = time.perf_counter()
-    n_tokens, n_seqs = mask.sum().clamp(min=1), len(ids)
-    policy.train()
+    # the normalisers are global, so N ranks make the update of one process given the same rollouts
+    n_tokens, n_seqs = all_sum(mask.sum()).clamp(min=1), len(ids) * world
+    ddp = isinstance(trainer, torch.nn.parallel.DistributedDataParallel)
+    trainer.train()
     for it in range(cfg.num_iterations):
-        sums = defaultdict(float)
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, clipped tokens, entropy
         for b in batches:
-            logps, logits = policy_logps(policy, ids[b], cfg.temperature)
-            old = logps.detach() if old_logps is None else old_logps[b]
-            per_token, kl, clipped = grpo_token_loss(logps, old, ref_logps[b], adv[b], cfg.epsilon,
-                                                     cfg.epsilon_high, cfg.beta)
-            mb = mask[b]
-            if cfg.loss_type == "bnpo":
-                loss = (per_token * mb).sum() / n_tokens
-            else:
-                loss = ((per_token * mb).sum(1) / mb.sum(1).clamp(min=1)).sum() / n_seqs
-            loss.backward()
-            sums["loss"] += loss.item()
-            sums["kl"] += (kl.detach() * mb).sum().item()
-            sums["clip"] += (clipped.float() * mb).sum().item()
-            sums["entropy"] += entropy(logits, mb).item()
-        update_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-        if not (math.isfinite(sums["loss"]) and math.isfinite(update_norm)):
+            with trainer.no_sync() if ddp and b is not batches[-1] else contextlib.nullcontext():  # one all-reduce
+                logps, logits = policy_logps(trainer, ids[b], cfg.temperature)
+                old = logps.detach() if old_logps is None else old_logps[b]
+                per_token, kl, clipped = grpo_token_loss(logps, old, ref_logps[b], adv[b], cfg.epsilon,
+                                                         cfg.epsilon_high, cfg.beta)
+                mb = mask[b]
+                if cfg.loss_type == "bnpo":
+                    loss = (per_token * mb).sum() / n_tokens
+                else:
+                    loss = ((per_token * mb).sum(1) / mb.sum(1).clamp(min=1)).sum() / n_seqs
+                (loss * world).backward()  # DDP and FSDP average gradients over ranks: x world makes it the sum
+            sums += torch.stack([loss.detach(), (kl.detach() * mb).sum(), (clipped.float() * mb).sum(),
+                                 entropy(logits, mb)]).double()
+        update_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        update_norm = (update_norm.full_tensor() if hasattr(update_norm, "full_tensor") else update_norm).item()
+        loss_sum, kl_sum, clip_sum, entropy_sum = all_sum(sums).tolist()
+        if not (math.isfinite(loss_sum) and math.isfinite(update_norm)):
             optimizer.zero_grad(set_to_none=True)
-            raise BadStepError(f"loss {sums['loss']} / gradient norm {update_norm} is NaN/inf")
+            raise BadStepError(f"loss {loss_sum} / gradient norm {update_norm} is NaN/inf")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if it == 0:
-            m.update({"loss": sums["loss"], "kl": sums["kl"] / n_tokens.item(), "grad_norm": update_norm,
-                      "entropy": sums["entropy"] / n_tokens.item(),
-                      "clip_ratio/region_mean": sums["clip"] / n_tokens.item()})
-    policy.eval()
+            m.update({"loss": loss_sum, "kl": kl_sum / n_tokens.item(), "grad_norm": update_norm,
+                      "entropy": entropy_sum / n_tokens.item(), "clip_ratio/region_mean": clip_sum / n_tokens.item()})
+    trainer.eval()
     t4 = time.perf_counter()
     m.update({"learning_rate": scheduler.get_last_lr()[0], "time/reference": t3 - t2, "time/update": t4 - t3,
               "step_time": t4 - t0})
-    return m, ro, rw
-
-
-def setup_device(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device} asked for but CUDA is not available")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[cfg.dtype]
-    return device, dtype
+    return m, done
 
 
 def train(cfg: Config) -> dict:
-    """The whole run: data, models, optional resume, evaluation before/after, RL steps, final save."""
+    """The whole run: data, models, optional resume, evaluation before/after, RL steps, final save. Under torchrun
+    every rank runs this same function on its share of each step's prompts; only rank 0 prints and writes."""
     from transformers import get_cosine_schedule_with_warmup
     started = time.time()
     device, dtype = setup_device(cfg)
+    rank, world = rank_and_world()
+    say = print if rank == 0 else lambda *a, **k: None
     # bad data or a bad model path fails here, before anything is written
     raw_prompts, answers = load_prompts(cfg.train_data)
     eval_sets = [(spec, *load_prompts(spec)) for spec in cfg.eval_data]
@@ -1056,10 +1200,16 @@ def train(cfg: Config) -> dict:
     if cfg.reward == "gt" and answers is None:
         raise DataError("reward 'gt' needs answers: set train_data.answer_column")
     run_dir = check_run_dir(cfg)
+    if rank > 0:
+        barrier()  # rank 0 builds (or finds) the tiny model's warm start; the others then read its cache
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
-    ckpt = latest_checkpoint(run_dir)
-    torch.manual_seed(cfg.seed)  # before the models: a LoRA adapter's initialisation is random
-    policy, tok, ref = load_policy(cfg, base, ckpt, device, dtype)
+    if rank == 0:
+        barrier()
+    ckpt, sharded = latest_checkpoint(run_dir), cfg.parallelism == "fsdp"
+    # before the models (a LoRA adapter's initialisation is random); each rank samples its own completions
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    policy, tok, ref = load_policy(cfg, base, None if sharded else ckpt, device, dtype)
+    trainer = parallelize(cfg, policy, ref, dtype)
 
     texts = [format_prompt(tok, p, cfg.system_prompt) for p in raw_prompts]
     kept = [i for i, t in enumerate(texts) if len(tok(t, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length]
@@ -1067,7 +1217,6 @@ def train(cfg: Config) -> dict:
     if not prompts:
         raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
     answers = [answers[i] for i in kept] if answers else None
-    write_config(run_dir, cfg)
     metrics_path, completions_path = (os.path.join(run_dir, n) for n in ("metrics.jsonl", "completions.jsonl"))
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -1077,53 +1226,68 @@ def train(cfg: Config) -> dict:
     start = 0
     if ckpt:
         saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
+        if saved["world_size"] != world:
+            raise ConfigError(f"{ckpt} was written by {saved['world_size']} process(es), this run has {world}: resume "
+                              f"it with the same number (torchrun --nproc_per_node {saved['world_size']}, or no "
+                              "torchrun for 1), since each rank's sampling generator is restored")
+        if sharded:
+            sharded_checkpoint(os.path.join(ckpt, "sharded"), policy, optimizer, load=True)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if "cuda" in saved["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        torch.set_rng_state(saved["rng"][rank]["torch"])
+        if "cuda" in saved["rng"][rank]:
+            torch.cuda.set_rng_state(saved["rng"][rank]["cuda"], device)
         start, state = saved["step"], saved["state"]
-        print(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
-    for path in (metrics_path, completions_path):
-        truncate_jsonl(path, start)
+        say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
     writer = None
-    if cfg.report_to == "tensorboard":  # purge_step: a resumed run's redone steps replace the old events
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start or None)
-    print(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
-          f"max_prompt_length), model {base} on {device}, run folder {run_dir}")
+    if rank == 0:
+        write_config(run_dir, cfg)
+        for path in (metrics_path, completions_path):
+            truncate_jsonl(path, start)
+        if cfg.report_to == "tensorboard":  # purge_step: a resumed run's redone steps replace the old events
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start or None)
+    say(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than max_prompt_length), "
+        f"model {base} on {device}" + (f" x {world} processes ({cfg.parallelism})" if world > 1 else "") +
+        f", run folder {run_dir}")
+    log = (lambda row: log_metrics(metrics_path, writer, row)) if rank == 0 else lambda row: None
 
     # bf16 compute for every forward from here on; log-probs, norms and the loss are computed in fp32
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         if state["eval_before"] is None:
             state["eval_before"] = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
-            log_metrics(metrics_path, writer, {"step": 0, **state["eval_before"]})
+            log({"step": 0, **state["eval_before"]})
         from tqdm.auto import tqdm
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True)
-        for step in bar:
-            idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True,
+                   disable=rank > 0)
+        share = cfg.prompts_per_step // world
+        for step in bar:  # the step's prompts are global; this rank takes its share of them
+            idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)[rank * share:(rank + 1) * share]
             batch_answers = [answers[i] for i in idx] if answers else None
             try:
-                m, ro, rw = rl_step(cfg, policy, ref, tok, optimizer, scheduler, [prompts[i] for i in idx], batch_answers)
+                m, done = rl_step(cfg, policy, ref, tok, optimizer, scheduler, [prompts[i] for i in idx],
+                                  batch_answers, trainer)
                 state["bad_in_a_row"] = 0
             except BadStepError as e:
                 state["bad_in_a_row"] += 1
                 state["skipped_steps"] += 1
-                m, ro = {"skipped": str(e)}, None
-                tqdm.write(f"step {step + 1}: skipped, {e}")
+                m, done = {"skipped": str(e)}, None
+                if rank == 0:
+                    tqdm.write(f"step {step + 1}: skipped, {e}")
                 if state["bad_in_a_row"] >= cfg.max_bad_steps:
                     raise BadStepError(f"{state['bad_in_a_row']} steps in a row were skipped (last: {e}); stopping. "
                                        "Lower lr, check the data, or use float32") from None
             m.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 m.update(evaluate(policy, tok, eval_sets, cfg))
-            log_metrics(metrics_path, writer, m)
-            if ro is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-                write_jsonl(completions_path, [
-                    {"step": step + 1, "prompt": prompts[idx[p]], "completion": c, "length": int(ro.lengths[i]),
-                     "truncated": bool(ro.truncated[i]), **{k: float(v[i]) for k, v in rw.items()}}
-                    for i, (c, p) in enumerate(zip(ro.completions, ro.prompt_index))])
-            if ro is not None:
+            log(m)
+            if rank == 0 and done is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+                kind = {"length": int, "truncated": bool}
+                write_jsonl(completions_path, [{"step": step + 1, **{k: v[i] if isinstance(v, list) else kind.get(k, float)(v[i])
+                                                                     for k, v in done.items()}}
+                                               for i in range(len(done["completion"]))])
+            if done is not None:
                 bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
                                  ("score", "kl", "completions/mean_length", "train/accuracy") if k in m})
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
@@ -1131,14 +1295,19 @@ def train(cfg: Config) -> dict:
         bar.close()
 
         final = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
-    log_metrics(metrics_path, writer, {"step": cfg.steps, "final": True, **final})
-    if writer is not None:
-        writer.close()
-    policy.save_pretrained(os.path.join(run_dir, "final"))
-    tok.save_pretrained(os.path.join(run_dir, "final"))
-    summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final,
-               "wall_s": time.time() - started}
-    print_summary(summary, metrics_path, cfg.reward)
+    log({"step": cfg.steps, "final": True, **final})
+    full = None
+    if sharded:  # the whole weights, gathered to rank 0's CPU memory (every rank joins) for save_pretrained
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final, "wall_s": time.time() - started}
+    if rank == 0:
+        if writer is not None:
+            writer.close()
+        policy.save_pretrained(os.path.join(run_dir, "final"), state_dict=full)
+        tok.save_pretrained(os.path.join(run_dir, "final"))
+        print_summary(summary, metrics_path, cfg.reward)
+    barrier()  # final/ is complete when any rank returns
     return summary
 
 
@@ -1148,21 +1317,31 @@ def train(cfg: Config) -> dict:
 @torch.no_grad()
 def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
     """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}; with
-    samples = k, also mean@k (accuracy of k sampled completions) and pass@k (a prompt with one correct of k)."""
+    samples = k, also mean@k (accuracy of k sampled completions) and pass@k (a prompt with one correct of k).
+    Under torchrun rank r takes batches r, r + N, ... of eval_batch_size prompts (the very batches of one process,
+    so greedy results equal its own) and the counts are summed over ranks."""
+    (rank, world), bs, out = rank_and_world(), cfg.eval_batch_size, {}
     model.eval()
-    out = {}
     for spec, questions, gold in eval_sets:
-        prompts = [format_prompt(tok, q, cfg.system_prompt) for q in questions]
-        ro = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, cfg.eval_batch_size, greedy=True)
+        mine = [i for b in range(rank * bs, len(questions), world * bs) for i in range(b, min(b + bs, len(questions)))]
+        prompts = [format_prompt(tok, questions[i], cfg.system_prompt) for i in mine]
+        answers = [gold[i] for i in mine]
+        # greedy correct, greedy tokens, prompts, sampled correct, prompts with one of k correct
+        counts = torch.zeros(5, device=model.device)
+        with gathered(model):
+            if mine:
+                ro = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, bs, greedy=True)
+                counts[:3] = torch.tensor([grade(ro, prompts, answers, cfg.answer_format).sum(), ro.lengths.sum(), len(mine)])
+            if mine and samples:
+                ro = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, bs,
+                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                correct = grade(ro, prompts, answers, cfg.answer_format).view(len(prompts), samples)
+                counts[3:] = torch.tensor([correct.sum(), correct.amax(1).sum()])
+        right, tokens, n, sampled, passed = all_sum(counts)
         name = f"eval/{os.path.basename(spec['path'])}"
-        out[f"{name}/accuracy"] = grade(ro, prompts, gold, cfg.answer_format).mean().item()
-        out[f"{name}/mean_length"] = ro.lengths.float().mean().item()
+        out[f"{name}/accuracy"], out[f"{name}/mean_length"] = (right / n).item(), (tokens / n).item()
         if samples:
-            ro = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, cfg.eval_batch_size,
-                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-            correct = grade(ro, prompts, gold, cfg.answer_format).view(len(prompts), samples)
-            out[f"{name}/mean@{samples}"] = correct.mean().item()
-            out[f"{name}/pass@{samples}"] = correct.amax(1).mean().item()
+            out[f"{name}/mean@{samples}"], out[f"{name}/pass@{samples}"] = (sampled / (n * samples)).item(), (passed / n).item()
     return out
 
 
@@ -1528,9 +1707,13 @@ def main(argv=None):
             COMMANDS[args[0]](args[1:])
         else:
             train(load_config(args))
-    except (ConfigError, DataError, BadStepError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, BadStepError) as e:  # raised alike on every rank: rank 0 says it
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
