@@ -263,6 +263,7 @@ def load_config(argv=None) -> Config:
 
 def usage() -> str:
     lines = ["usage: python vigor.py [--config FILE] [--setting value ...]     train (defaults: the tiny task)",
+             "       torchrun --nproc_per_node N vigor.py [...]                 train on N processes (parallelism)",
              "       python vigor.py study [--seeds 7,8,9] [--setting value ...]  base/vigor/ablations/baselines",
              "       python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...",
              "       python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  reward pass / generation / RL step", ""]
@@ -1015,7 +1016,7 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     any moment leaves `latest` naming a complete checkpoint. Weights in safetensors (FSDP: DCP shards in
     sharded/), the rest tensors and plain types (loaded with weights_only=True, no arbitrary unpickling).
     Rank 0 writes all but the shards; every rank's RNG state is kept, so a resumed run samples the same."""
-    rank, world = rank_and_world()
+    rank = rank_and_world()[0]
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp, sharded = final + ".tmp", bool(fsdp_modules(policy))
     rngs = all_gather(rng_state(policy.device))
@@ -1030,7 +1031,7 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     if rank > 0:
         return
     torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rngs, "world_size": world, "step": step, "state": state}, os.path.join(tmp, "trainer_state.pt"))
+                "rng": rngs, "step": step, "state": state}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
@@ -1041,6 +1042,40 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     for name in os.listdir(run_dir):
         if name.startswith("checkpoint-") and name != os.path.basename(final):
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def load_checkpoint(ckpt, policy, optimizer, scheduler):
+    """Restore what `save_checkpoint` wrote (the weights of a non-sharded policy were loaded from the folder
+    already); returns (step, state). The same number of processes must resume it: each rank's RNG is restored."""
+    (rank, world), device = rank_and_world(), policy.device
+    saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # a list since several processes
+    if len(rngs) != world:
+        raise ConfigError(f"{ckpt} was written by {len(rngs)} process(es), this run has {world}: resume it with the "
+                          f"same number (torchrun --nproc_per_node {len(rngs)}, or no torchrun for 1), since each "
+                          "rank's sampling generator is restored")
+    if saved["optimizer"] is None:  # FSDP
+        sharded_checkpoint(os.path.join(ckpt, "sharded"), policy, optimizer, load=True)
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(rngs[rank]["torch"])
+    if "cuda" in rngs[rank]:
+        torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
+    return saved["step"], saved["state"]
+
+
+def save_final(folder, policy, tok):
+    """final/ in save_pretrained format on rank 0; FSDP first gathers the whole weights to rank 0's CPU memory
+    (every rank joins), so `from_pretrained(folder)` loads it like any model."""
+    full = None
+    if fsdp_modules(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank_and_world()[0] == 0:
+        policy.save_pretrained(folder, state_dict=full)
+        tok.save_pretrained(folder)
+    barrier()  # the folder is complete when any rank returns
 
 
 def latest_checkpoint(run_dir):
@@ -1180,6 +1215,9 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, train
     t4 = time.perf_counter()
     m.update({"learning_rate": scheduler.get_last_lr()[0], "time/reference": t3 - t2, "time/update": t4 - t3,
               "step_time": t4 - t0})
+    if dev.type == "cuda":  # this rank's peak over the step
+        m["memory/peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        torch.cuda.reset_peak_memory_stats(dev)
     return m, done
 
 
@@ -1205,10 +1243,11 @@ def train(cfg: Config) -> dict:
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
     if rank == 0:
         barrier()
-    ckpt, sharded = latest_checkpoint(run_dir), cfg.parallelism == "fsdp"
+    ckpt = latest_checkpoint(run_dir)
     # before the models (a LoRA adapter's initialisation is random); each rank samples its own completions
     torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    policy, tok, ref = load_policy(cfg, base, None if sharded else ckpt, device, dtype)
+    # FSDP: the checkpoint's weights are loaded shard by shard once the model is sharded (load_checkpoint)
+    policy, tok, ref = load_policy(cfg, base, None if cfg.parallelism == "fsdp" else ckpt, device, dtype)
     trainer = parallelize(cfg, policy, ref, dtype)
 
     texts = [format_prompt(tok, p, cfg.system_prompt) for p in raw_prompts]
@@ -1223,22 +1262,8 @@ def train(cfg: Config) -> dict:
     total = max(1, cfg.steps * cfg.num_iterations)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     state = {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
-    start = 0
+    start, state = load_checkpoint(ckpt, policy, optimizer, scheduler) if ckpt else (0, state)
     if ckpt:
-        saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-        if saved["world_size"] != world:
-            raise ConfigError(f"{ckpt} was written by {saved['world_size']} process(es), this run has {world}: resume "
-                              f"it with the same number (torchrun --nproc_per_node {saved['world_size']}, or no "
-                              "torchrun for 1), since each rank's sampling generator is restored")
-        if sharded:
-            sharded_checkpoint(os.path.join(ckpt, "sharded"), policy, optimizer, load=True)
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"][rank]["torch"])
-        if "cuda" in saved["rng"][rank]:
-            torch.cuda.set_rng_state(saved["rng"][rank]["cuda"], device)
-        start, state = saved["step"], saved["state"]
         say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
     writer = None
     if rank == 0:
@@ -1296,18 +1321,12 @@ def train(cfg: Config) -> dict:
 
         final = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
     log({"step": cfg.steps, "final": True, **final})
-    full = None
-    if sharded:  # the whole weights, gathered to rank 0's CPU memory (every rank joins) for save_pretrained
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_final(os.path.join(run_dir, "final"), policy, tok)
     summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final, "wall_s": time.time() - started}
     if rank == 0:
         if writer is not None:
             writer.close()
-        policy.save_pretrained(os.path.join(run_dir, "final"), state_dict=full)
-        tok.save_pretrained(os.path.join(run_dir, "final"))
         print_summary(summary, metrics_path, cfg.reward)
-    barrier()  # final/ is complete when any rank returns
     return summary
 
 
