@@ -649,8 +649,8 @@ def gathered(model):
     try:
         yield
     finally:
-        for m in shards:
-            m.set_reshard_after_forward(True, recurse=False)
+        for m in shards:  # back to FSDP's defaults: the root's weights are kept for the backward that follows
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.set_reshard_after_backward(True, recurse=False)
             m.reshard()
 
@@ -1060,7 +1060,7 @@ def load_checkpoint(ckpt, policy, optimizer, scheduler):
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(rngs[rank]["torch"])
-    if "cuda" in rngs[rank]:
+    if "cuda" in rngs[rank] and device.type == "cuda":
         torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
     return saved["step"], saved["state"]
 
@@ -1138,7 +1138,7 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, train
     every rank with their texts, prompts, lengths, scores, rewards and advantages, {name: [N] tensor or list}.
     `trainer` is the module the update runs through (`parallelize`), the policy itself on one process."""
     G, t0, trainer = cfg.num_generations, time.perf_counter(), trainer or policy
-    (rank, world), dev = rank_and_world(), policy.device
+    world, dev = rank_and_world()[1], policy.device
     policy.eval()
     with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
         ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
@@ -1308,10 +1308,10 @@ def train(cfg: Config) -> dict:
                 m.update(evaluate(policy, tok, eval_sets, cfg))
             log(m)
             if rank == 0 and done is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-                kind = {"length": int, "truncated": bool}
-                write_jsonl(completions_path, [{"step": step + 1, **{k: v[i] if isinstance(v, list) else kind.get(k, float)(v[i])
-                                                                     for k, v in done.items()}}
-                                               for i in range(len(done["completion"]))])
+                as_json = {"length": int, "truncated": bool}  # the other tensor columns are floats
+                write_jsonl(completions_path, [
+                    {"step": step + 1, **{k: v[i] if isinstance(v, list) else as_json.get(k, float)(v[i])
+                                          for k, v in done.items()}} for i in range(len(done["completion"]))])
             if done is not None:
                 bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
                                  ("score", "kl", "completions/mean_length", "train/accuracy") if k in m})
