@@ -1532,6 +1532,8 @@ def study(args):
                                "eval_every": base.eval_every or max(1, base.steps // 10)})
             print(f"\n=== {cfg.run_name}")
             runs[name].append(train(cfg)["run_dir"])
+    if rank_and_world()[0] > 0:  # under torchrun, rank 0 alone writes the tables
+        return
     mean_sd = lambda xs: f"{sum(xs) / len(xs):.3f} ± {torch.tensor(xs).std().item() if len(xs) > 1 else 0:.3f}"
     main, claims, curves = [], [], defaultdict(dict)
     for name, dirs in runs.items():
