@@ -526,19 +526,23 @@ def test_same_seed_same_metrics(out_dir):
     assert without_timing(ma) == without_timing(mb) and a["after"] == b["after"]
 
 
+def killed_after_a_checkpoint(cmd, run):
+    """Start `cmd` in its own process group and SIGKILL the whole group (torchrun and its workers too, like a
+    lost node) once `run` has a checkpoint; returns the checkpoint the kill left."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and vigor.latest_checkpoint(run) is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return vigor.latest_checkpoint(run)
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(out_dir):
     over = dict(steps=8, save_every=2, log_completions_every=1)
     full = subprocess.run(cli(out_dir, run_name="whole", **over), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
-    run = os.path.join(out_dir, "killed")
-    proc = subprocess.Popen(cli(out_dir, run_name="killed", **over), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and vigor.latest_checkpoint(run) is None:  # kill once a checkpoint exists
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = vigor.latest_checkpoint(run)
+    killed_at = killed_after_a_checkpoint(cli(out_dir, run_name="killed", **over), os.path.join(out_dir, "killed"))
     assert killed_at is not None and not killed_at.endswith("checkpoint-8"), "the kill came too late to test resume"
     again = subprocess.run(cli(out_dir, run_name="killed", **over), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -848,15 +852,8 @@ def test_fsdp_run_resumes_after_sigkill_and_refuses_another_world_size(out_dir):
     full = subprocess.run(torchrun(cli(out_dir, run_name="fsdp-whole", **over)), capture_output=True, text=True,
                           timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
-    run = os.path.join(out_dir, "fsdp-killed")
-    proc = subprocess.Popen(torchrun(cli(out_dir, run_name="fsdp-killed", **over)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and vigor.latest_checkpoint(run) is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers at once, like a lost node
-    proc.wait()
-    killed_at = vigor.latest_checkpoint(run)
+    killed_at = killed_after_a_checkpoint(torchrun(cli(out_dir, run_name="fsdp-killed", **over)),
+                                          os.path.join(out_dir, "fsdp-killed"))
     assert killed_at is not None and not killed_at.endswith("checkpoint-8"), "the kill came too late to test resume"
     assert os.path.isdir(os.path.join(killed_at, "sharded"))  # DCP shards, no full model in the checkpoint
     again = subprocess.run(torchrun(cli(out_dir, run_name="fsdp-killed", **over)), capture_output=True, text=True,

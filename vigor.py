@@ -1262,8 +1262,9 @@ def train(cfg: Config) -> dict:
     total = max(1, cfg.steps * cfg.num_iterations)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     state = {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
-    start, state = load_checkpoint(ckpt, policy, optimizer, scheduler) if ckpt else (0, state)
+    start = 0
     if ckpt:
+        start, state = load_checkpoint(ckpt, policy, optimizer, scheduler)
         say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
     writer = None
     if rank == 0:
@@ -1351,11 +1352,11 @@ def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
             if mine:
                 ro = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, bs, greedy=True)
                 counts[:3] = torch.tensor([grade(ro, prompts, answers, cfg.answer_format).sum(), ro.lengths.sum(), len(mine)])
-            if mine and samples:
-                ro = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, bs,
-                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-                correct = grade(ro, prompts, answers, cfg.answer_format).view(len(prompts), samples)
-                counts[3:] = torch.tensor([correct.sum(), correct.amax(1).sum()])
+                if samples:
+                    ro = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, bs,
+                                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                    correct = grade(ro, prompts, answers, cfg.answer_format).view(len(prompts), samples)
+                    counts[3:] = torch.tensor([correct.sum(), correct.amax(1).sum()])
         right, tokens, n, sampled, passed = all_sum(counts)
         name = f"eval/{os.path.basename(spec['path'])}"
         out[f"{name}/accuracy"], out[f"{name}/mean_length"] = (right / n).item(), (tokens / n).item()
