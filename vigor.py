@@ -2,16 +2,20 @@
 
 The reward of a sampled completion y of prompt x is how *small* the gradient of its own teacher-forced
 NLL is under the current parameters (paper: "Verifier-Free RL for LLMs via Intrinsic Gradient-Norm
-Reward", arXiv 2605.09920). Per step:
+Reward", arXiv 2605.09920). Per step, in the order the file reads:
 
     sample G completions per prompt                       rollouts        (sample_groups)
-    g_i = grad_theta (1/T_i) sum_t -log p(y_t | x, y_<t)  per completion  (grad_norms, torch.func)
+    g_i = grad_theta (1/T_i) sum_t -log p(y_t | x, y_<t)  per completion  (mean_nll, grad_norms)
     S_i = -sqrt(T_i) * ||g_i||_2                          length fix      (vigor_scores)
     R_i = 2 * rank_i / (G - 1) - 1                        rank shaping    (rank_rewards)
     A_i = (R_i - mean R) / (std R + 1e-4)                 GRPO advantage  (group_advantages)
-    loss = -min(r A, clip(r) A) + beta * KL_k3(pi || ref) clipped update  (grpo_token_loss)
+    loss = -min(r A, clip(r) A) + beta * KL_k3(pi || ref) clipped update  (grpo_token_loss, normalised_loss)
 
-The reward is a constant for the update (stop-gradient): no second-order terms.
+The reward is a constant for the update (stop-gradient): no second-order terms. `rl_step` puts these
+together: `sample_and_score`, then `grpo_update`. The file then holds the same norms computed faster
+(`per_layer_grad_norms`, `lm_head_grad_norms`), `train` and `evaluate`, the data and grading, the models,
+an appendix of infrastructure (settings parsing, processes, checkpoints) and the tools (analyses, study,
+bench) with `main` last.
 
 What is simplified compared with the authors' code (open-r1 + a TRL fork), and why:
 - Hugging Face `generate` batched over every group of a step, no vLLM; one process, or several under
@@ -20,8 +24,8 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
   `autograd.grad` calls; squares are summed in float32 (the authors summed in bf16).
 - Identical completions inside a group share the mean of their rank rewards: the authors' tie rule
   (by position) would push the same text both up and down. With all G identical the update is zero.
-- Generation also stops at the chat template's end-of-turn token (the authors stop at the tokenizer's EOS only,
-  so a base Qwen2.5 writes past <|im_end|>); it counts in T like the EOS.
+- Generation also stops at the chat template's end-of-turn token (the authors stop at the tokenizer's EOS
+  only, so a base Qwen2.5 writes past <|im_end|>); it counts in T like the EOS.
 - Completions cut at the length limit are scored like any other, as the authors do (T = the limit);
   `mask_truncated_completions` leaves them out of the loss instead (TRL's option).
 - The default run is a tiny Qwen2-architecture model on a synthetic arithmetic task so it finishes on
@@ -29,6 +33,7 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
 
 Run `python vigor.py --help` for every setting; README.md explains every printed number.
 """
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -55,19 +60,23 @@ from torch.func import functional_call, grad, vmap
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------------------
-def arg(default, help):
-    """A setting with its documentation (printed by `python vigor.py --help`)."""
+# --- Settings -----------------------------------------------------------------------------------------------
+def arg(default, help, valid=None):
+    """A setting: its default, its documentation (`python vigor.py --help`) and its valid values, a tuple of
+    choices or one of BOUNDS; `validate` checks them."""
+    meta = {"help": help, "valid": valid}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-SYNTHETIC_TRAIN = {"path": "synthetic", "split": "train", "prompt_column": "prompt", "answer_column": "answer"}
-SYNTHETIC_TEST = {"path": "synthetic", "split": "test", "prompt_column": "prompt", "answer_column": "answer",
-                  "limit": 500}
+BOUNDS = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+SYNTHETIC_TRAIN = {"path": "synthetic", "split": "train", "prompt_column": "prompt",
+                   "answer_column": "answer"}
+SYNTHETIC_TEST = {**SYNTHETIC_TRAIN, "split": "test", "limit": 500}
 
 
 @dataclass
@@ -75,76 +84,89 @@ class Config:
     # run
     run_name: str = arg("vigor", "run folder name, under out_dir")
     out_dir: str = arg("runs", "where run folders (and the tiny model's warm-start cache) are written")
-    resume: bool = arg(True, "continue an existing run folder from its last checkpoint; false: refuse to touch it")
+    resume: bool = arg(True, "continue an existing run folder from its last checkpoint; false: refuse to")
     seed: int = arg(7, "seed for sampling, data order and initialisation (authors: 7)")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = arg("auto", "compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16; the "
-                     "policy's weights stay float32 (bf16 would round lr-2e-6 updates away), bf16 runs under autocast")
+    dtype: str = arg("auto", "compute dtype; auto: bfloat16 on CUDA, float32 on CPU. The policy's weights "
+                     "stay float32 (bf16 would round lr-2e-6 updates away): bf16 runs under autocast",
+                     ("auto", "float32", "bfloat16"))
     # model
-    model: str = arg("tiny", "'tiny' (built here, warm-started on the synthetic task), a local folder or a hub name")
+    model: str = arg("tiny", "'tiny' (built and warm-started here), a local folder or a hub name")
     tiny_model_config: str = arg("tiny_configs/tiny_qwen2.json", "Qwen2 architecture of the tiny model")
-    warmstart_steps: int = arg(2000, "supervised steps that give the tiny model some competence (gold answers used)")
-    warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start")
-    attn_implementation: str = arg("eager", "eager | sdpa: both work under torch.func with no attention mask; "
-                                   "sdpa has no vmap batching rule on CPU (slower there)")
-    lora_r: int = arg(0, "LoRA rank (peft); 0 = train all parameters. With LoRA the reward's norm is over the LoRA "
-                      "parameters only, as the authors do, and the reference is the base with the adapter off")
-    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the policy update (not in the reward pass)")
+    warmstart_steps: int = arg(2000, "supervised steps teaching the tiny model the task (gold)", ">= 0")
+    warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start", "> 0")
+    attn_implementation: str = arg("eager", "both work under torch.func with no attention mask; sdpa has no "
+                                   "vmap batching rule on CPU (slower there)", ("sdpa", "eager"))
+    lora_r: int = arg(0, "LoRA rank (peft), 0 = off. With LoRA the reward's norm is over the LoRA parameters "
+                      "(as the authors), and the reference is the base with the adapter off", ">= 0")
+    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", "> 0")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the update (the reward pass: never)")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
-    parallelism: str = arg("ddp", "under torchrun: ddp (every rank holds the whole model) | fsdp (FSDP2: weights, "
-                           "gradients and AdamW states sharded over ranks; full fine-tuning, reward per_layer or lm_head)")
+    parallelism: str = arg("ddp", "under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: "
+                           "weights, gradients and AdamW states sharded over ranks; full fine-tuning, reward "
+                           "per_layer or lm_head)", ("ddp", "fsdp"))
     # data
-    train_data: dict = arg(SYNTHETIC_TRAIN, "prompts for RL: {path, name, split, prompt_column, answer_column, "
-                           "limit}; path is 'synthetic', a .json/.jsonl/.csv/.parquet file, a folder or a hub name; "
-                           "answers (optional) are used for monitoring only")
-    eval_data: list = arg([SYNTHETIC_TEST], "held-out sets graded with their answer_column, same keys as train_data")
+    train_data: dict = arg(SYNTHETIC_TRAIN, "prompts for RL: {path, name, split, prompt_column, "
+                           "answer_column, limit}; path is 'synthetic', a .json/.jsonl/.csv/.parquet file, a "
+                           "folder or a hub name; answers (optional) are used for monitoring only")
+    eval_data: list = arg([SYNTHETIC_TEST], "held-out sets graded with their answer_column (as train_data)")
     system_prompt: str = arg("", "system message, used when the tokenizer has a chat template")
-    answer_format: str = arg("auto", "how a completion's answer is read: boxed (last \\boxed{}) | gsm8k ('#### N') | "
-                             "last_number | auto: boxed if the prompt or system prompt says \\boxed, gsm8k if it "
-                             "says ####, else last_number. No answer in the format = wrong")
-    max_prompt_length: int = arg(512, "prompts with more tokens are skipped and counted (authors: 512)")
+    answer_format: str = arg("auto", "how a completion's answer is read: boxed (last \\boxed{}), gsm8k "
+                             "('#### N'), last_number, or auto: boxed if the prompt or system prompt says "
+                             "\\boxed, gsm8k if it says ####, else last_number. No such answer = wrong",
+                             ("auto", "boxed", "gsm8k", "last_number"))
+    max_prompt_length: int = arg(512, "longer prompts are skipped and counted (authors: 512)", ">= 1")
     # rollouts
     num_generations: int = arg(8, "G: completions per prompt (authors: 8); at least 2")
-    prompts_per_step: int = arg(32, "prompts per RL step; the step trains on prompts_per_step * G completions")
-    max_completion_length: int = arg(24, "new tokens at most (authors: 1024 for 3B)")
-    temperature: float = arg(0.9, "sampling temperature (authors: 0.9)")
-    top_k: int = arg(50, "top-k sampling, 0 = off (authors: 50)")
-    top_p: float = arg(1.0, "nucleus sampling, in (0, 1] (authors: 1.0)")
-    static_cache: bool = arg(False, "CUDA: static KV cache + torch.compile for generation (slow first call, fast after)")
-    generation_batch_size: int = arg(0, "prompts per generate call, 0 = all prompts of the step in one call")
+    prompts_per_step: int = arg(32, "prompts per RL step; a step trains on prompts_per_step * G completions",
+                                ">= 1")
+    max_completion_length: int = arg(24, "new tokens at most (authors: 1024 for 3B)", ">= 1")
+    temperature: float = arg(0.9, "sampling temperature (authors: 0.9)", "> 0")
+    top_k: int = arg(50, "top-k sampling, 0 = off (authors: 50)", ">= 0")
+    top_p: float = arg(1.0, "nucleus sampling (authors: 1.0)", "in (0, 1]")
+    static_cache: bool = arg(False, "CUDA: static KV cache + torch.compile for generation (slow first call)")
+    generation_batch_size: int = arg(0, "prompts per generate call, 0 = all of the step's at once", ">= 0")
     # reward
-    reward: str = arg("vigor", "vigor | self_certainty (INTUITOR) | gt (gold-answer correctness, needs answers)")
+    reward: str = arg("vigor", "vigor (gradient norm), self_certainty (INTUITOR) or gt (gold-answer "
+                      "correctness, needs answers)", ("vigor", "self_certainty", "gt"))
     sqrt_t: bool = arg(True, "vigor: multiply ||g|| by sqrt(T) (paper's length correction; false = ablation)")
     rank: bool = arg(True, "vigor: rank-shape scores to [-1, 1] inside each group (false = ablation)")
-    reward_params: str = arg("all", "vigor: gradient over all trainable parameters, or 'lm_head' (paper's cheap "
-                             "approximation, closed form from one forward pass)")
-    grad_norm_method: str = arg("vmap", "vmap: torch.func per-sample gradients (the reference) | per_layer: the "
-                                "same exact norms from one batched backward, near the cost of plain training")
-    grad_chunk_size: int = arg(0, "completions per chunk of the reward pass, 0 = chosen from free memory")
+    reward_params: str = arg("all", "vigor: gradient over all trainable parameters, or lm_head (the paper's "
+                             "cheap approximation, closed form from one forward pass)", ("all", "lm_head"))
+    grad_norm_method: str = arg("vmap", "vmap: torch.func per-sample gradients (the reference); per_layer: "
+                                "the same exact norms from one batched backward, near the cost of training",
+                                ("vmap", "per_layer"))
+    grad_chunk_size: int = arg(0, "completions per chunk of the reward pass, 0 = from free memory", ">= 0")
     # GRPO
-    steps: int = arg(150, "RL steps (one batch of prompts each)")
-    lr: float = arg(2e-4, "policy learning rate (authors: 2e-6 for Qwen2.5-3B; the tiny default was chosen with "
-                    "reward gt on the validation split)")
-    beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)")
-    epsilon: float = arg(0.2, "lower clip of the ratio: 1 - epsilon (authors: 0.2)")
-    epsilon_high: float = arg(0.2, "upper clip of the ratio: 1 + epsilon_high")
-    num_iterations: int = arg(1, "optimiser steps per batch of rollouts (authors: 1 for 3B, 3 for 7B)")
-    loss_type: str = arg("bnpo", "bnpo: token sum / tokens in the batch (authors) | grpo: mean per sequence")
+    steps: int = arg(150, "RL steps (one batch of prompts each)", ">= 0")
+    lr: float = arg(2e-4, "policy learning rate (authors: 2e-6 for Qwen2.5-3B; the tiny default was chosen "
+                    "with reward gt on the validation split)", "> 0")
+    beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)", ">= 0")
+    epsilon: float = arg(0.2, "lower clip of the ratio: 1 - epsilon (authors: 0.2)", "> 0")
+    epsilon_high: float = arg(0.2, "upper clip of the ratio: 1 + epsilon_high", "> 0")
+    num_iterations: int = arg(1, "optimiser steps per batch of rollouts (authors: 1 for 3B, 3 for 7B)",
+                              ">= 1")
+    loss_type: str = arg("bnpo", "bnpo: token sum / tokens in the batch (authors); grpo: mean per sequence",
+                         ("bnpo", "grpo"))
     mask_truncated_completions: bool = arg(False, "leave completions cut at the length limit out of the loss")
-    micro_batch_size: int = arg(64, "sequences per forward/backward in the update (memory knob only)")
-    max_grad_norm: float = arg(1.0, "clip the update's gradient norm")
-    warmup_ratio: float = arg(0.1, "linear warmup fraction of the cosine schedule (authors: 0.1)")
+    micro_batch_size: int = arg(64, "sequences per forward/backward in the update (memory knob only)", ">= 1")
+    max_grad_norm: float = arg(1.0, "clip the update's gradient norm", "> 0")
+    warmup_ratio: float = arg(0.1, "linear warmup share of the cosine schedule (authors: 0.1)", "in [0, 1)")
     # logging, evaluation, checkpoints
-    eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)")
-    eval_samples: int = arg(8, "before and after RL, also sample k completions per eval prompt (at temperature): "
-                            "mean@k accuracy and pass@k (one of k correct: what RL could reach); 0 = off")
-    eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation")
-    save_every: int = arg(10, "write a checkpoint every N steps (and at the end)")
-    report_to: str = arg("none", "none | tensorboard: metrics.jsonl's numbers also go to TensorBoard event files in "
-                         "<run folder>/tensorboard (needs the tensorboard package)")
-    log_completions_every: int = arg(1, "write every sampled completion of every Nth step to completions.jsonl")
-    max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf reward, loss or gradient")
+    eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)", ">= 0")
+    eval_samples: int = arg(8, "before and after RL, also sample k completions per eval prompt: mean@k "
+                            "accuracy and pass@k (one of k correct: what RL could reach); 0 = off", ">= 0")
+    eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation", ">= 1")
+    save_every: int = arg(10, "write a checkpoint every N steps (and at the end)", ">= 0")
+    report_to: str = arg("none", "tensorboard: metrics.jsonl's numbers also go to TensorBoard event files in "
+                         "<run folder>/tensorboard (needs the tensorboard package)", ("none", "tensorboard"))
+    log_completions_every: int = arg(1, "write every Nth step's completions to completions.jsonl", ">= 0")
+
+    max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf reward, loss or gradient",
+                             ">= 1")
+
+    def __post_init__(self):  # every Config, however made, is checked
+        validate(self)
 
 
 class ConfigError(ValueError):
@@ -155,131 +177,636 @@ class DataError(ValueError):
     pass
 
 
-DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
-CHOICES = {"reward": ("vigor", "self_certainty", "gt"), "loss_type": ("bnpo", "grpo"),
-           "dtype": ("auto", "float32", "bfloat16"), "attn_implementation": ("sdpa", "eager"),
-           "reward_params": ("all", "lm_head"), "answer_format": ("auto", "boxed", "gsm8k", "last_number"),
-           "report_to": ("none", "tensorboard"), "grad_norm_method": ("vmap", "per_layer"),
-           "parallelism": ("ddp", "fsdp")}
+class BadStepError(RuntimeError):
+    pass
 
 
-def _typed(name, kind, value, from_cli):
-    """Convert one setting to its field's type, or raise a ConfigError naming what was expected."""
-    if from_cli and kind is not str:
+# --- The method: the paper's equations, one function each ---------------------------------------------------
+def token_logps(logits, input_ids):
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) in float32: [B, L-1]."""
+    logits = logits[:, :-1].float()
+    return logits.gather(-1, input_ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+
+
+def completion_mean(per_token, loss_mask):
+    """Mean of a per-position value [B, L-1] over each row's completion tokens: [B]."""
+    w = loss_mask[:, 1:].float()
+    return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def mean_nll(logits, input_ids, loss_mask):
+    """l(x, y) = (1/T) sum_t -log p(y_t | x, y_<t) over completion tokens, per row: [B]."""
+    return completion_mean(-token_logps(logits, input_ids), loss_mask)
+
+
+def grad_norms(model, input_ids, loss_mask, chunk_size=None):
+    """||grad_theta l(x, y)||_2 for each row, with l = (1/T) sum_{t: mask=1} -log p(y_t | y_<t).
+
+    torch.func: `grad` of one sequence's loss through `functional_call`, `vmap`ped over the batch, so
+    the B per-sample gradients are exact (no cross-talk) and only `chunk_size` of them exist at once.
+    Right padding needs no attention mask (pads come after every real token and carry no loss).
+    Parameters with requires_grad=False (a frozen body under LoRA) are constants. Returns float32 [B].
+    """
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    frozen.update(dict(model.named_buffers()))
+
+    def loss(p, ids, mask):  # one sequence: ids, mask [L]
+        logits = functional_call(model, (p, frozen), (ids[None],), {"use_cache": False}).logits
+        return mean_nll(logits, ids[None], mask[None])[0]
+
+    def squared_norm(p, ids, mask):
+        return sum((g.float() ** 2).sum() for g in grad(loss)(p, ids, mask).values())
+
+    per_row = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
+    return per_row(params, input_ids, loss_mask).sqrt()
+
+
+def vigor_scores(norms, lengths, sqrt_t=True):
+    """S = -sqrt(T) * ||g||  (paper's length correction: raw ||g|| of a token mean shrinks ~ 1/sqrt(T)).
+    With sqrt_t=False, S = -||g|| (the "w/o sqrt(T)" ablation). Lower norm -> higher score."""
+    if (lengths <= 0).any():
+        raise ValueError("vigor_scores: a completion has T = 0 tokens; it has no token-mean NLL "
+                         "(sampled completions always count their EOS, so T >= 1)")
+    return -(lengths.float().sqrt() * norms if sqrt_t else norms)
+
+
+def rank_rewards(scores, group_size):
+    """R_i = 2 * rank_i / (G - 1) - 1 per consecutive group of G; rank 0 = lowest score (R = -1), G-1 = best
+    (R = +1). Ties go by position, as the authors do: stable argsort twice, the earlier sample ranks lower."""
+    s = scores.view(-1, group_size)
+    ranks = s.argsort(dim=1, stable=True).argsort(dim=1, stable=True).float()
+    return (2 * ranks / (group_size - 1) - 1).view(-1)
+
+
+def share_identical(rewards, completion_ids, group_size):
+    """Identical completions in a group get the mean of their rewards: the same text must not be pushed
+    both up and down by a tie rule. If all G are identical, every advantage (hence the update) is zero."""
+    out = rewards.clone()
+    for g in range(len(completion_ids) // group_size):
+        same = defaultdict(list)
+        for i in range(g * group_size, (g + 1) * group_size):
+            same[tuple(completion_ids[i])].append(i)
+        for idx in same.values():
+            out[idx] = rewards[idx].mean()
+    return out
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """A_i = (R_i - mean_group R) / (std_group R + eps), unbiased std (GRPO). Equal rewards -> A = 0."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def self_certainty(model, input_ids, loss_mask):
+    """INTUITOR's score per row: the mean over completion tokens of logsumexp(z_t) - mean(z_t)
+    (= KL(Uniform || p_t) + log V, with z_t the logits)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    return completion_mean(logits.logsumexp(-1) - logits.mean(-1), loss_mask)
+
+
+def grpo_token_loss(logps, old_logps, ref_logps, advantages, epsilon, epsilon_high, beta):
+    """Per-token GRPO loss [B, T]:  -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL_k3,
+        r = exp(logp - logp_old),  KL_k3 = exp(ref - logp) - (ref - logp) - 1  (>= 0, = 0 when equal).
+    Returns (loss, kl, clipped) where clipped marks tokens whose gradient the clip removed."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a
+    kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+    return -torch.min(unclipped, clipped) + beta * kl, kl, clipped < unclipped
+
+
+def normalised_loss(per_token, mask, loss_type, n_tokens, n_seqs):
+    """A micro-batch's share of the step's loss, from per-token losses and the completion mask [B, T]:
+        bnpo (authors):  sum over tokens / n_tokens        grpo:  sum over rows of the token mean / n_seqs
+    n_tokens and n_seqs count the whole step (every micro-batch, every rank), so the sum of the shares does
+    not depend on how the step is split."""
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / n_tokens
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+
+
+def policy_logps(model, input_ids, temperature):
+    """log-probs of the sampled tokens under the sampling distribution (logits / temperature, as TRL)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return token_logps(logits / temperature, input_ids), logits
+
+
+def entropy(logits, mask):
+    """Per-token entropy of the policy, summed over the masked positions (a monitor: no gradient)."""
+    with torch.no_grad():
+        logp = logits[:, :-1].float().log_softmax(-1)
+        return (-(logp.exp() * logp).sum(-1) * mask).sum()
+
+
+# --- One RL step: sample and score G completions per prompt, then the GRPO update ---------------------------
+@dataclass
+class Rollouts:
+    input_ids: torch.Tensor   # [N, L] prompt + completion, right-padded (N = prompts * G, groups consecutive)
+    loss_mask: torch.Tensor   # [N, L] 1 on completion tokens (the EOS included, as the authors count it)
+    lengths: torch.Tensor     # [N] T, completion tokens
+    truncated: torch.Tensor   # [N] bool, hit max_new_tokens without an EOS
+    completions: list         # [N] decoded text, EOS dropped
+    prompt_index: list        # [N] which prompt of the batch
+
+
+@torch.no_grad()
+def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_prompts=0, greedy=False,
+                  temperature=1.0, top_k=0, top_p=1.0, static_cache=False) -> Rollouts:
+    """G completions of each prompt, all groups of the step in one `generate` call (or batch_prompts at a
+    time); a completion ends at its first stop token, which it keeps: the stop token counts in T."""
+    from transformers import GenerationConfig
+    stops = stop_token_ids(model, tok)
+    # a fresh GenerationConfig: hub models ship defaults (repetition penalty, top_p) we must not inherit
+    gen = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                           eos_token_id=stops, num_return_sequences=num_generations,
+                           **({"cache_implementation": "static"} if static_cache else {}),
+                           **({} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)))
+    tok.padding_side = "left"
+    seqs, masks, lengths, truncated, texts, index = [], [], [], [], [], []
+    step = batch_prompts or len(prompts)
+    for start in range(0, len(prompts), step):
+        enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        # HF would step FSDP ranks in lockstep (synced_gpus); the weights are `gathered`: each rank goes alone
+        out = model.generate(**enc, generation_config=gen, synced_gpus=False).cpu()
+        width = enc["input_ids"].shape[1]
+        for row, new in enumerate(out[:, width:].tolist()):
+            p = row // num_generations
+            prompt = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
+            ends = [i for i, t in enumerate(new) if t in stops]
+            completion = new[:ends[0] + 1] if ends else new
+            seqs.append(prompt + completion)
+            masks.append([0] * len(prompt) + [1] * len(completion))
+            lengths.append(len(completion))
+            truncated.append(not ends)
+            texts.append(tok.decode(completion[:-1] if ends else completion, skip_special_tokens=True))
+            index.append(start + p)
+    return Rollouts(pad_right(seqs, tok.pad_token_id), pad_right(masks, 0), torch.tensor(lengths),
+                    torch.tensor(truncated), texts, index)
+
+
+def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
+    """Scores, rewards and advantages of a step's rollouts: {name: Tensor[N]}; the reward is a constant.
+    `correct` ([N] 0/1, from `grade`) is the gt reward; the other rewards never see it."""
+    G, out = cfg.num_generations, {}
+    ids, mask = rollouts.input_ids.to(policy.device), rollouts.loss_mask.to(policy.device)
+    if cfg.reward == "vigor":
+        method = "lm_head" if cfg.reward_params == "lm_head" else cfg.grad_norm_method
+        norms_of = {"lm_head": lm_head_grad_norms, "per_layer": per_layer_grad_norms, "vmap": grad_norms}
+        chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, method)
+        out["grad_norm"] = chunked_scores(norms_of[method], policy, ids, mask, chunk).cpu()
+        out["score"] = vigor_scores(out["grad_norm"], rollouts.lengths, cfg.sqrt_t)
+        rewards = rank_rewards(out["score"], G) if cfg.rank else out["score"]
+    elif cfg.reward == "self_certainty":
+        with torch.no_grad():
+            chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, "lm_head")
+            rewards = out["score"] = chunked_scores(self_certainty, policy, ids, mask, chunk).cpu()
+    else:
+        rewards = out["score"] = correct
+    completion_ids = [row[m.bool()].tolist() for row, m in zip(rollouts.input_ids, rollouts.loss_mask)]
+    out["reward"] = share_identical(rewards, completion_ids, G)
+    out["advantage"] = group_advantages(out["reward"], G)
+    return out
+
+
+def sample_and_score(cfg, policy, tok, prompts, answers):
+    """The first half of a step: this rank's rollouts, their {grad_norm, score, reward, advantage, correct}
+    and timings. Answers, when given, grade the completions for monitoring (and are the gt reward)."""
+    policy.eval()
+    t0 = time.perf_counter()
+    with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
+        rollouts = sample_groups(policy, tok, prompts, cfg.num_generations, cfg.max_completion_length,
+                                 cfg.generation_batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p, static_cache=cfg.static_cache)
+        t1 = time.perf_counter()
+        correct = grade(rollouts, prompts, answers, cfg.answer_format) if answers is not None else None
+        scored = compute_rewards(cfg, policy, rollouts, correct)
+    if correct is not None:
+        scored["correct"] = correct
+    return rollouts, scored, {"time/generate": t1 - t0, "time/reward": time.perf_counter() - t1}
+
+
+def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wrapped=None):
+    """The second half of a step: num_iterations optimiser steps on one batch of rollouts, each summing
+    `normalised_loss` over micro-batches; returns the first iteration's metrics. `wrapped` is the module the
+    forward and backward run through (DDP or FSDP, see `parallelize`), the policy itself on one process."""
+    t0, wrapped, dev, world = time.perf_counter(), wrapped or policy, policy.device, rank_and_world()[1]
+    ids, adv = rollouts.input_ids.to(dev), advantages.to(dev)
+    mask = rollouts.loss_mask[:, 1:].to(dev).float()
+    if cfg.mask_truncated_completions:
+        mask = mask * (~rollouts.truncated).to(dev).float()[:, None]
+    batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(ids), cfg.micro_batch_size)]
+    ref_logps = reference_logps(policy, ref, ids, batches, cfg.temperature)
+    # one iteration: the policy has not moved since sampling, so old = its own log-probs, detached (ratio 1)
+    old_logps = logps_of(policy, ids, batches, cfg.temperature) if cfg.num_iterations > 1 else None
+    t1 = time.perf_counter()
+    n_tokens, n_seqs = all_sum(mask.sum()).clamp(min=1), len(ids) * world
+    wrapped.train()
+    for iteration in range(cfg.num_iterations):
+        totals = {}
+        for b in batches:
+            with gradient_sync(wrapped, b is batches[-1]):
+                logps, logits = policy_logps(wrapped, ids[b], cfg.temperature)
+                old = logps.detach() if old_logps is None else old_logps[b]
+                per_token, kl, clipped = grpo_token_loss(logps, old, ref_logps[b], adv[b], cfg.epsilon,
+                                                         cfg.epsilon_high, cfg.beta)
+                loss = normalised_loss(per_token, mask[b], cfg.loss_type, n_tokens, n_seqs)
+                (loss * world).backward()  # DDP and FSDP average the ranks' gradients: x world makes it a sum
+            sums = {"loss": loss.detach(), "kl": (kl.detach() * mask[b]).sum(),
+                    "clipped": (clipped.float() * mask[b]).sum(), "entropy": entropy(logits, mask[b])}
+            totals = {k: totals.get(k, 0) + v.double() for k, v in sums.items()}
+        update_norm = clipped_update_norm(policy, cfg.max_grad_norm)
+        totals = {k: v.item() for k, v in sum_over_ranks(totals).items()}
+        if not (math.isfinite(totals["loss"]) and math.isfinite(update_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise BadStepError(f"loss {totals['loss']} / gradient norm {update_norm} is NaN/inf")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if iteration == 0:
+            n = n_tokens.item()
+            metrics = {"loss": totals["loss"], "kl": totals["kl"] / n, "grad_norm": update_norm,
+                       "entropy": totals["entropy"] / n, "clip_ratio/region_mean": totals["clipped"] / n}
+    wrapped.eval()
+    return {**metrics, "time/reference": t1 - t0, "time/update": time.perf_counter() - t1}
+
+
+def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapped=None):
+    """One VIGOR/GRPO step on this rank's prompts; returns (metrics, columns): every rank's completions with
+    their prompts, texts, lengths, scores, rewards and advantages, {name: [N] tensor or list}."""
+    t0 = time.perf_counter()
+    rollouts, scored, times = sample_and_score(cfg, policy, tok, prompts, answers)
+    columns = gather_columns({"prompt": [prompts[i] for i in rollouts.prompt_index],
+                              "completion": rollouts.completions, "length": rollouts.lengths,
+                              "truncated": rollouts.truncated, **scored})
+    metrics = step_metrics(columns, cfg.num_generations)
+    bad = [k for k in scored if not torch.isfinite(columns[k]).all()]
+    if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
+        raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
+    advantages = scored["advantage"]
+    metrics.update(grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wrapped))
+    metrics.update(times)
+    metrics.update({"learning_rate": scheduler.get_last_lr()[0], "step_time": time.perf_counter() - t0,
+                    "gen/tokens_per_s": columns["length"].sum().item() / times["time/generate"]})
+    if policy.device.type == "cuda":  # this rank's peak over the step
+        metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(policy.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(policy.device)
+    return metrics, columns
+
+
+def reference_logps(policy, ref, ids, batches, temperature):
+    """Log-probs under the frozen reference: `ref`, or with LoRA (ref None) the policy, its adapter off."""
+    with policy.disable_adapter() if ref is None else contextlib.nullcontext():
+        return logps_of(ref or policy, ids, batches, temperature)
+
+
+@torch.no_grad()
+def logps_of(model, ids, batches, temperature):
+    """`policy_logps` of every row, one micro-batch at a time, without a graph: [N, L-1]."""
+    return torch.cat([policy_logps(model, ids[b], temperature)[0] for b in batches])
+
+
+def step_metrics(columns, G):
+    """TRL's metrics of a step's completions (every rank's): rewards, lengths, scores, sampled accuracy."""
+    lengths, rewards = columns["length"].float(), columns["reward"].view(-1, G)
+    metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std(1).mean().item(),
+               "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
+               "score": columns["score"].mean().item(), "completions/mean_length": lengths.mean().item(),
+               "completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
+               "completions/clipped_ratio": columns["truncated"].float().mean().item()}
+    if "grad_norm" in columns:
+        metrics["vigor/grad_norm_raw"] = columns["grad_norm"].mean().item()
+        metrics["vigor/sqrt_t_grad_norm"] = (columns["grad_norm"] * lengths.sqrt()).mean().item()
+    if "correct" in columns:
+        metrics["train/accuracy"] = columns["correct"].mean().item()
+    return metrics
+
+
+# --- The same norms, faster: one batched backward, the LM-head closed form, chunks that fit in memory -------
+def per_layer_grad_norms(model, input_ids, loss_mask):
+    """The same exact norms as `grad_norms`, from ONE batched backward of sum_b l_b (samples do not interact,
+    so it yields every sample's activation gradients). Per layer, with a_t its input and g_t its output grad:
+        Linear W:  ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)   (two T x T Grams, or the
+                   dout x din per-sample gradient when that is smaller);  bias: ||sum_t g_t||^2
+        RMSNorm w: ||sum_t g_t * xhat_t||^2;  embedding: sum of g_t . g_s over pairs of positions with one id
+        tied head/embedding: + 2 <head grad, embedding grad> = 2 sum_{s,t} q_s[id_t] (h_s . e_t)
+    No parameter gets a gradient (the weight-gradient matmuls are skipped); per-sample gradients of the whole
+    model never exist. Known as ghost norms (Goodfellow 2015; Li et al. 2022)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is emb.weight
+    B, L = input_ids.shape
+    sq, late, hooks, seen = torch.zeros(B, device=input_ids.device), {}, [], set()
+
+    def gram(x):
+        return (x @ x.transpose(1, 2)).float()  # [B, L, L]
+
+    def linear(mod, a, g):
+        a = a.to(g.dtype)  # under autocast a layer's input can be fp32 while it computes (and g is) bf16
+        if id(mod.weight) in trainable:
+            grams_cheaper = L * (a.shape[-1] + g.shape[-1]) < a.shape[-1] * g.shape[-1]  # FLOPs of each way
+            # matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation); squares sum in fp32
+            sq.add_((gram(a) * gram(g)).sum((1, 2)) if grams_cheaper else
+                    (g.transpose(1, 2) @ a).float().square().sum((1, 2)))
+        if mod.bias is not None and id(mod.bias) in trainable:
+            sq.add_(g.float().sum(1).square().sum(1))
+        if mod is head and tied:  # q_s[id_t] and h_s, for the cross term once e_t is known
+            late["q_at_ids"] = g.gather(2, input_ids[:, None, :].expand(B, L, L)).float()
+            late["h"] = a.float()
+
+    def rms_norm(mod, x, g):
+        x = x.float()
+        xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
+        sq.add_((g.float() * xhat).sum(1).square().sum(1))
+
+    def on_forward(rule):
+        def hook(mod, inputs, out):
+            if mod in seen:
+                raise ValueError(f"per_layer_grad_norms: {type(mod).__name__} is called twice in one forward")
+            seen.add(mod)
+            a = inputs[0].detach()
+            out.register_hook(lambda g: rule(mod, a, g))
+        return hook
+
+    covered = {id(emb.weight)} & trainable
+    for mod in model.modules():
+        own = {id(p) for p in mod.parameters(recurse=False)} & trainable
+        if own and isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(on_forward(linear)))
+        elif own and hasattr(mod, "variance_epsilon"):  # RMSNorm, in every Qwen2/Llama-style model
+            hooks.append(mod.register_forward_hook(on_forward(rms_norm)))
+        else:
+            continue
+        covered |= own
+    if trainable - covered:
+        raise ValueError("per_layer_grad_norms handles Linear, RMSNorm and embedding parameters only; "
+                         "use grad_norm_method=vmap for this model")
+    flat = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in flat:
+            p.requires_grad_(False)
+        x = emb(input_ids).detach().requires_grad_(True)  # the one leaf: every activation gets a gradient
+        per_sample = mean_nll(model(inputs_embeds=x, use_cache=False).logits, input_ids, loss_mask)
+        (e,) = torch.autograd.grad(per_sample.sum(), x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in flat:
+            p.requires_grad_(True)
+    if id(emb.weight) in trainable:
+        same = (input_ids[:, :, None] == input_ids[:, None, :]).float()
+        sq += (gram(e) * same).sum((1, 2))
+        if tied and "h" in late:
+            sq += 2 * (late["q_at_ids"] * (late["h"] @ e.float().transpose(1, 2))).sum((1, 2))
+    return sq.clamp(min=0).sqrt()
+
+
+def lm_head_grad_norms(model, input_ids, loss_mask):
+    """The paper's cheap approximation: ||grad_W l|| for the LM-head weight W alone, from one forward pass.
+    With q_t = softmax(logits_t) - onehot(y_t) and h_t the head's input at position t:
+        grad_W l = (1/T) sum_t q_t h_t^T   =>   ||grad_W l||_F^2 = (1/T^2) sum_{t,s} (q_t . q_s) (h_t . h_s)
+    (two T x T Gram matrices; no backward pass, no [V, d] per-sample gradient)."""
+    with torch.no_grad():
+        h = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        q = model.get_output_embeddings()(h).float().softmax(-1)
+        q.scatter_add_(-1, input_ids[:, 1:, None], -torch.ones_like(q[..., :1]))
+        w = loss_mask[:, 1:].float()[..., None]
+        q, h = q * w, h.float() * w  # [B, L-1, V], [B, L-1, d]; positions without loss are zeroed
+        sq = ((q @ q.transpose(1, 2)) * (h @ h.transpose(1, 2))).sum((1, 2))
+        return sq.sqrt() / w.sum((1, 2)).clamp(min=1)
+
+
+def auto_chunk_size(model, input_ids, method):
+    """Completions per chunk of the reward pass that fit in half the free memory: activations of a
+    forward+backward (logits dominate: ~12 bytes x vocab per token) plus, for vmap, 3 copies of a per-sample
+    gradient (gradient, square, vmap's buffers). A wrong guess is caught by the out-of-memory retry."""
+    c, device = model.config, input_ids.device
+    per_sample = input_ids.shape[1] * (12 * c.vocab_size + 48 * c.num_hidden_layers * c.hidden_size)
+    if method == "lm_head":  # forward only: logits and softmax, no backward
+        per_sample = input_ids.shape[1] * 12 * c.vocab_size
+    if method == "vmap":
+        per_sample += 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(len(input_ids), int(free * 0.5 // per_sample)))
+
+
+def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
+    """score_of(model, ids, mask) by chunks of completions (each trimmed to its own padding); an
+    out-of-memory error halves the chunk and retries instead of ending the run."""
+    while True:
         try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--{name}: cannot parse {value!r}: {e}") from None
-    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"setting {name!r} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-    return value
+            out = []
+            for i in range(0, len(input_ids), chunk):
+                ids, mask = input_ids[i:i + chunk], loss_mask[i:i + chunk]
+                width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else ids.shape[1]
+                out.append(score_of(model, ids[:, :width], mask[:, :width]))
+            return torch.cat(out)
+        except torch.OutOfMemoryError:
+            if chunk <= 1:
+                raise
+            chunk //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"reward pass: out of memory, retrying {chunk} completions at a time", file=sys.stderr)
 
 
-def make_config(values: dict, from_cli=()) -> Config:
-    """Config from a {name: value} dict; unknown names, wrong types and bad values are ConfigErrors."""
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - set(kinds))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; valid settings: {', '.join(kinds)}")
-    cfg = Config(**{k: _typed(k, kinds[k], v, k in from_cli) for k, v in values.items()})
-    validate(cfg)
-    return cfg
+# --- Training and evaluation --------------------------------------------------------------------------------
+def train(cfg: Config) -> dict:
+    """The whole run: data, models, optional resume, evaluation before/after, RL steps, final save. Under
+    torchrun every rank runs this same function on its share of each step's prompts; rank 0 alone prints and
+    writes."""
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+    started = time.time()
+    device, dtype = setup_device(cfg)
+    rank, world = rank_and_world()
+    say = print if rank == 0 else lambda *a, **k: None
+    # bad data or a bad model path fails here, before anything is written
+    raw_prompts, answers = load_prompts(cfg.train_data)
+    eval_sets = [(spec, *load_prompts(spec)) for spec in cfg.eval_data]
+    for spec, _, gold in eval_sets:
+        if gold is None:
+            raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
+    if cfg.reward == "gt" and answers is None:
+        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
+    run_dir = check_run_dir(cfg)
+    if rank > 0:
+        barrier()  # rank 0 builds (or finds) the tiny model's warm start; the others then read its cache
+    base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
+    if rank == 0:
+        barrier()
+    ckpt = latest_checkpoint(run_dir)
+    # before the models (a LoRA adapter's initialisation is random); each rank samples its own completions
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    # FSDP: the checkpoint's weights are loaded shard by shard once the model is sharded (load_checkpoint)
+    policy, tok, ref = load_policy(cfg, base, None if cfg.parallelism == "fsdp" else ckpt, device, dtype)
+    wrapped = parallelize(cfg, policy, ref, dtype)
+
+    texts = [format_prompt(tok, p, cfg.system_prompt) for p in raw_prompts]
+    kept = [i for i, t in enumerate(texts)
+            if len(tok(t, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length]
+    prompts = [texts[i] for i in kept]
+    if not prompts:
+        raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
+    answers = [answers[i] for i in kept] if answers else None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    completions_path = os.path.join(run_dir, "completions.jsonl")
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    total = max(1, cfg.steps * cfg.num_iterations)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    state = {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
+    start = 0
+    if ckpt:
+        start, state = load_checkpoint(ckpt, policy, optimizer, scheduler)
+        say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
+    writer = None
+    if rank == 0:
+        write_config(run_dir, cfg)
+        for path in (metrics_path, completions_path):
+            truncate_jsonl(path, start)
+        if cfg.report_to == "tensorboard":  # purge_step: a resumed run's redone steps replace the old events
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start or None)
+    processes = f" x {world} processes ({cfg.parallelism})" if world > 1 else ""
+    say(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
+        f"max_prompt_length), model {base} on {device}{processes}, run folder {run_dir}")
+    log = (lambda row: log_metrics(metrics_path, writer, row)) if rank == 0 else lambda row: None
+
+    # bf16 compute for every forward from here on; log-probs, norms and the loss are computed in fp32
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        if state["eval_before"] is None:
+            state["eval_before"] = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
+            log({"step": 0, **state["eval_before"]})
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL",
+                   dynamic_ncols=True, disable=rank > 0)
+        share = cfg.prompts_per_step // world
+        for step in bar:  # the step's prompts are global; this rank takes its share of them
+            idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)
+            idx = idx[rank * share:(rank + 1) * share]
+            batch_answers = [answers[i] for i in idx] if answers else None
+            try:
+                metrics, columns = rl_step(cfg, policy, ref, tok, optimizer, scheduler,
+                                           [prompts[i] for i in idx], batch_answers, wrapped)
 
 
-def validate(cfg: Config):
-    checks = [
-        (cfg.num_generations >= 2, "num_generations (G) must be >= 2: GRPO compares completions within a group"),
-        (cfg.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
-        (cfg.steps >= 0, "steps must be >= 0"),
-        (cfg.lr > 0, "lr must be > 0"),
-        (cfg.warmstart_lr > 0 and cfg.warmstart_steps >= 0, "warmstart_lr must be > 0, warmstart_steps >= 0"),
-        (cfg.beta >= 0, "beta must be >= 0"),
-        (cfg.epsilon > 0 and cfg.epsilon_high > 0, "epsilon and epsilon_high must be > 0"),
-        (cfg.temperature > 0, "temperature must be > 0"),
-        (0 < cfg.top_p <= 1, "top_p must be in (0, 1]"),
-        (cfg.top_k >= 0, "top_k must be >= 0"),
-        (cfg.max_completion_length >= 1 and cfg.max_prompt_length >= 1, "length limits must be >= 1"),
-        (cfg.num_iterations >= 1, "num_iterations must be >= 1"),
-        (cfg.micro_batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1"),
-        (cfg.eval_samples >= 0 and cfg.lora_r >= 0 and cfg.lora_alpha > 0, "eval_samples, lora_r >= 0, lora_alpha > 0"),
-        (cfg.max_grad_norm > 0, "max_grad_norm must be > 0"),
-        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-        (min(cfg.grad_chunk_size, cfg.generation_batch_size, cfg.eval_every, cfg.save_every) >= 0,
-         "grad_chunk_size, generation_batch_size, eval_every and save_every must be >= 0"),
-        (cfg.log_completions_every >= 0 and cfg.max_bad_steps >= 1, "log_completions_every >= 0, max_bad_steps >= 1"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device must be auto, cpu, cuda or cuda:N"),
-        (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
-        (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
-         "report_to: tensorboard needs the tensorboard package: pip install tensorboard"),
-        (cfg.parallelism != "fsdp" or not cfg.lora_r, "parallelism fsdp shards a full fine-tune; with LoRA use ddp "
-         "(the frozen base is then replicated and only the adapter is trained)"),
-        (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
-         cfg.grad_norm_method == "per_layer", "parallelism fsdp needs grad_norm_method per_layer: torch.func's vmap "
-         "cannot take per-sample gradients of sharded parameters"),
-    ]
-    checks += [(getattr(cfg, k) in v, f"{k} must be one of {v}") for k, v in CHOICES.items()]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    for spec in [cfg.train_data, *cfg.eval_data]:
-        if not isinstance(spec, dict) or "path" not in spec or set(spec) - DATA_KEYS:
-            raise ConfigError(f"a data setting must be a mapping with 'path' and keys from {sorted(DATA_KEYS)}, "
-                              f"got {spec!r}")
+                state["bad_in_a_row"] = 0
+            except BadStepError as e:
+                state["bad_in_a_row"] += 1
+                state["skipped_steps"] += 1
+                metrics, columns = {"skipped": str(e)}, None
+                if rank == 0:
+                    tqdm.write(f"step {step + 1}: skipped, {e}")
+                if state["bad_in_a_row"] >= cfg.max_bad_steps:
+                    raise BadStepError(f"{state['bad_in_a_row']} steps in a row were skipped (last: {e}); "
+                                       "stopping. Lower lr, check the data, or use float32") from None
+            metrics.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                metrics.update(evaluate(policy, tok, eval_sets, cfg))
+            log(metrics)
+            every = cfg.log_completions_every
+            if rank == 0 and columns is not None and every and (step + 1) % every == 0:
+                write_jsonl(completions_path, completion_rows(step + 1, columns))
+            if columns is not None:
+                shown = ("score", "kl", "completions/mean_length", "train/accuracy")
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, state)
+        bar.close()
+
+        final = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
+    log({"step": cfg.steps, "final": True, **final})
+    save_final(os.path.join(run_dir, "final"), policy, tok)
+    summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final,
+               "wall_s": time.time() - started}
+    if rank == 0:
+        if writer is not None:
+            writer.close()
+        print_summary(summary, metrics_path, cfg.reward)
+    return summary
 
 
-def load_config(argv=None) -> Config:
-    """Defaults <- `--config FILE` (YAML) <- `--key value` overrides."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    pairs = []
-    while args:
-        key = args.pop(0)
-        if not key.startswith("--"):
-            raise ConfigError(f"expected --setting value, got {key!r}")
-        key, _, value = key[2:].partition("=")
-        if not value:
-            if not args:
-                raise ConfigError(f"--{key} needs a value")
-            value = args.pop(0)
-        pairs.append((key, value))
-    values = {}
-    for key, path in [p for p in pairs if p[0] == "config"]:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(open(path)) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded)
-    cli = {k: v for k, v in pairs if k != "config"}
-    return make_config({**values, **cli}, from_cli=set(cli))
+def completion_rows(step, columns):
+    """completions.jsonl lines of one step: one JSON object per completion, plain ints, bools and floats."""
+    as_json = {"length": int, "truncated": bool}  # the other tensor columns are floats
+    return [{"step": step, **{k: v[i] if isinstance(v, list) else as_json.get(k, float)(v[i])
+                              for k, v in columns.items()}} for i in range(len(columns["completion"]))]
 
 
-def usage() -> str:
-    lines = ["usage: python vigor.py [--config FILE] [--setting value ...]     train (defaults: the tiny task)",
-             "       torchrun --nproc_per_node N vigor.py [...]                 train on N processes (parallelism)",
-             "       python vigor.py study [--seeds 7,8,9] [--setting value ...]  base/vigor/ablations/baselines",
-             "       python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...",
-             "       python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  reward pass / generation / RL step", ""]
-    for f in dataclasses.fields(Config):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name} ({f.type.__name__}, default {default!r})\n      {f.metadata['help']}")
-    return "\n".join(lines)
+@torch.no_grad()
+def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
+    """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}; with
+    samples = k, also mean@k (accuracy of k sampled completions) and pass@k (a prompt with one correct of k).
+    Under torchrun rank r takes batches r, r + N, ... of eval_batch_size prompts (the very batches of one
+    process, so greedy results equal its own) and the counts are summed over ranks."""
+    batch, out = cfg.eval_batch_size, {}
+    model.eval()
+    for spec, questions, gold in eval_sets:
+        mine = my_batches(len(questions), batch)
+        prompts = [format_prompt(tok, questions[i], cfg.system_prompt) for i in mine]
+        answers = [gold[i] for i in mine]
+        counts = dict.fromkeys(("correct", "tokens", "prompts", "sampled_correct", "passed"), 0.0)
+        with gathered(model):
+            if mine:
+                greedy = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, batch, greedy=True)
+                counts["correct"] = grade(greedy, prompts, answers, cfg.answer_format).sum()
+                counts["tokens"], counts["prompts"] = greedy.lengths.sum(), len(mine)
+                if samples:
+                    sampled = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, batch,
+                                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                    correct = grade(sampled, prompts, answers, cfg.answer_format).view(len(prompts), samples)
+                    counts["sampled_correct"], counts["passed"] = correct.sum(), correct.amax(1).sum()
+        total = sum_over_ranks({k: torch.tensor(float(v), device=model.device) for k, v in counts.items()})
+        name, n = f"eval/{os.path.basename(spec['path'])}", total["prompts"]
+        out[f"{name}/accuracy"] = (total["correct"] / n).item()
+        out[f"{name}/mean_length"] = (total["tokens"] / n).item()
+        if samples:
+            out[f"{name}/mean@{samples}"] = (total["sampled_correct"] / (n * samples)).item()
+            out[f"{name}/pass@{samples}"] = (total["passed"] / n).item()
+    return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data: the synthetic task, prompt loading through `datasets`, answer grading
-# ----------------------------------------------------------------------------------------------------
+def window_mean(metrics, key, last=True, fraction=0.2):
+    """Mean of `key` over the first or last `fraction` of the trained steps (nan when never logged)."""
+    trained = [m for m in metrics if "kl" in m]
+    n = max(1, int(len(trained) * fraction))
+    values = [m[key] for m in (trained[-n:] if last else trained[:n]) if key in m]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def print_summary(summary, metrics_path, reward):
+    metrics = read_jsonl(metrics_path)
+    print(f"\nVIGOR run done in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
+    for key in summary["after"]:
+        before, after = summary["before"][key], summary["after"][key]
+        if key.endswith("/accuracy"):
+            print(f"  {key} (greedy, held out): before RL {before:.1%}  after RL {after:.1%}")
+        elif "@" in key:
+            print(f"  {key} (sampled, held out): before RL {before:.1%}  after RL {after:.1%}")
+    score = {"vigor": "-sqrt(T) * ||g||", "self_certainty": "self-certainty", "gt": "correctness"}[reward]
+    for key, what in [("completions/mean_length", "mean completion length (tokens)"),
+                      ("score", f"mean score ({score})"),
+                      ("reward_std", "reward std within groups (the mean is 0 for rank rewards)"),
+                      ("kl", "KL to reference (k3, per token)"),
+                      ("train/accuracy", "sampled-completion accuracy")]:
+        if any(key in m for m in metrics):
+            print(f"  {what}: first 20% of steps {window_mean(metrics, key, False):.4g} -> last 20% "
+                  f"{window_mean(metrics, key):.4g}")
+    print("  wrote config.json, metrics.jsonl, completions.jsonl, checkpoint-*/ and final/ in "
+          f"{summary['run_dir']}")
+
+
+# --- Data: the synthetic task, prompt loading through `datasets`, answer grading ----------------------------
 def synthetic_problems(n, seed, exclude=frozenset()):
-    """Chains of 2-4 one-digit additions/subtractions. The worked solution lists the running totals ("7+5-3=" ->
-    "12,9"), the answer is the last of them ("9"); the warm start teaches both, so the model chooses how much to
-    write (completions of one prompt differ in length 2x and more) and the last number is graded."""
+    """Chains of 2-4 one-digit additions/subtractions. The worked solution lists the running totals
+    ("7+5-3=" -> "12,9"), the answer is the last of them ("9"); the warm start teaches both, so the model
+    chooses how much to write (completions of one prompt differ in length 2x and more); the last number is
+    graded."""
     rng, rows, seen = random.Random(seed), [], set(exclude)
     while len(rows) < n:
         k = rng.randint(2, 4)
@@ -329,15 +856,17 @@ def load_rows(spec: dict):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the path and the cause
-        where = "local folder" if os.path.isdir(path) else "file" if builder else "hub dataset (needs network)"
+        where = "hub dataset (needs network)"
+        if os.path.isdir(path) or builder:
+            where = "local folder" if os.path.isdir(path) else "file"
         raise DataError(f"could not load {where} {path!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
 
 def load_prompts(spec: dict):
     """(prompts, answers or None) from a data setting; missing columns and empty sets are DataErrors."""
     ds = load_rows(spec)
-    default_answer = "answer" if "answer" in ds.column_names else None
-    prompt_col, answer_col = spec.get("prompt_column", "prompt"), spec.get("answer_column", default_answer) or None
+    prompt_col = spec.get("prompt_column", "prompt")
+    answer_col = spec.get("answer_column", "answer" if "answer" in ds.column_names else None) or None
     for col in (prompt_col, answer_col):
         if col and col not in ds.column_names:
             raise DataError(f"column {col!r} not in {spec['path']}: its columns are {ds.column_names}")
@@ -363,7 +892,9 @@ def answer_format(prompt, setting="auto"):
     (system prompt included) asks for: '\\boxed' -> boxed, '####' -> gsm8k, neither -> last_number."""
     if setting != "auto":
         return setting
-    return "boxed" if "\\boxed" in prompt else "gsm8k" if "####" in prompt else "last_number"
+    if "\\boxed" in prompt:
+        return "boxed"
+    return "gsm8k" if "####" in prompt else "last_number"
 
 
 def last_boxed(text):
@@ -398,7 +929,11 @@ def extract_answer(text, fmt="last_number"):
 def gold_answer(gold):
     """A gold answer read whole in its own format: a MATH solution's \\boxed{}, a GSM8K '#### N', else the
     text itself (MATH-500's bare `\\frac{14}{3}`, the synthetic task's `9`)."""
-    return last_boxed(gold) if "\\boxed{" in gold else extract_answer(gold, "gsm8k") if "####" in gold else gold
+    if "\\boxed{" in gold:
+        return last_boxed(gold)
+    if "####" in gold:
+        return extract_answer(gold, "gsm8k")
+    return gold
 
 
 def normalize_answer(answer):
@@ -431,9 +966,7 @@ def grade(rollouts, prompts, answers, setting="auto"):
                          for c, i in zip(rollouts.completions, rollouts.prompt_index)])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Model: a tiny Qwen2 with a character tokenizer (warm-started and cached), or from_pretrained
-# ----------------------------------------------------------------------------------------------------
+# --- Models: a tiny Qwen2 with a character tokenizer (warm-started and cached), or from_pretrained ----------
 def char_tokenizer(vocab_size=None):
     """One token per character (printable ASCII and newline) plus <pad>, <eos>, <unk>; with vocab_size,
     filler tokens <tN> up to that size (so a model with a bigger vocabulary decodes every id)."""
@@ -441,10 +974,12 @@ def char_tokenizer(vocab_size=None):
     from transformers import PreTrainedTokenizerFast
     chars = ["<pad>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
     chars += [f"<t{i}>" for i in range((vocab_size or len(chars)) - len(chars))]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = tokenizers.decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    specials = {"pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
 def pad_right(rows, pad_id):
@@ -461,13 +996,14 @@ WARMSTART_DIRECT = 0.5  # fraction of warm-start solutions that give the answer 
 def tiny_base_model(cfg: Config) -> str:
     """Folder of the warm-started tiny model: built once, cached under out_dir, keyed by what shapes it."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    arch_path = cfg.tiny_model_config if os.path.isfile(cfg.tiny_model_config) else \
-        os.path.join(HERE, cfg.tiny_model_config)
+    arch_path = cfg.tiny_model_config
+    if not os.path.isfile(arch_path):
+        arch_path = os.path.join(HERE, cfg.tiny_model_config)
     if not os.path.isfile(arch_path):
         raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
     arch, rows = json.load(open(arch_path)), synthetic_split("warmstart")
-    key = hashlib.sha256(json.dumps([arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, WARMSTART_DIRECT]).encode()
-                         ).hexdigest()[:12]
+    shaped_by = [arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, WARMSTART_DIRECT]
+    key = hashlib.sha256(json.dumps(shaped_by).encode()).hexdigest()[:12]
     folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -490,11 +1026,9 @@ def tiny_base_model(cfg: Config) -> str:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    tmp = folder + ".tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return folder
 
 
@@ -505,11 +1039,13 @@ def load_model(path_or_name: str, cfg: Config, device, dtype):
     if looks_local and not os.path.isdir(path_or_name):
         raise ConfigError(f"model folder not found: {path_or_name}")
     try:
-        tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        remote = cfg.trust_remote_code
+        tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, trust_remote_code=remote,
                                                      attn_implementation=cfg.attn_implementation)
     except OSError as e:
-        raise ConfigError(f"could not load model {path_or_name!r} (a local folder, or a hub name with network): {e}")
+        raise ConfigError(f"could not load model {path_or_name!r} (a local folder, or a hub name with "
+                          f"network): {e}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # dropout would make the gradient norm random; the tiny model and Qwen2.5 have none, eval() makes sure
@@ -517,16 +1053,20 @@ def load_model(path_or_name: str, cfg: Config, device, dtype):
 
 
 def load_policy(cfg, base, ckpt, device, dtype):
-    """(policy, tokenizer, frozen reference); with LoRA the reference is None: the policy with its adapter off.
-    The policy keeps float32 master weights; the frozen reference is stored in the compute dtype."""
+    """(policy, tokenizer, frozen reference); with LoRA the reference is None (the policy with its adapter
+    off). The policy keeps float32 master weights; the frozen reference is stored in the compute dtype."""
     if not cfg.lora_r:
         policy, tok = load_model(ckpt or base, cfg, device, torch.float32)
         ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False)
     else:
         from peft import LoraConfig, PeftModel, get_peft_model
         model, tok = load_model(base, cfg, device, torch.float32)
-        policy = PeftModel.from_pretrained(model, ckpt, is_trainable=True) if ckpt else get_peft_model(
-            model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear"))
+        if ckpt:
+            policy = PeftModel.from_pretrained(model, ckpt, is_trainable=True)
+        else:
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                              target_modules="all-linear")
+            policy = get_peft_model(model, lora)
         ref = None
     if cfg.gradient_checkpointing:  # active in train mode only: the reward pass (eval mode) is untouched
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -539,8 +1079,8 @@ def end_of_turn_id(tok):
     <|eot_id|>), found by rendering a turn; None without a template or when the turn ends in plain text."""
     if not tok.chat_template:
         return None
-    text = tok.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": "\x00"}],
-                                   tokenize=False)
+    turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "\x00"}]
+    text = tok.apply_chat_template(turn, tokenize=False)
     after = tok(text.rsplit("\x00", 1)[-1], add_special_tokens=False)["input_ids"]
     special = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
     return after[0] if after and after[0] in special else None
@@ -554,12 +1094,135 @@ def stop_token_ids(model, tok):
     return sorted(ids | {tok.eos_token_id, end_of_turn_id(tok)} - {None})
 
 
-# ----------------------------------------------------------------------------------------------------
-# Devices and processes: one, or N under `torchrun --nproc_per_node N vigor.py` (DDP or FSDP2)
-# ----------------------------------------------------------------------------------------------------
+# --- Appendix 1: settings from the command line and config files --------------------------------------------
+COMMANDS_HELP = """commands:
+  python vigor.py [--config FILE] [--setting value ...]        train (defaults: the tiny task)
+  torchrun --nproc_per_node N vigor.py [...]                    train on N processes (parallelism)
+  python vigor.py study [--seeds 7,8,9] [--setting value ...]   base/vigor/ablations/baselines over seeds
+  python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...
+  python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  reward pass / generation / RL step
+Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
+
+
+class SettingsParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would exit the process; main() and the tests expect a ConfigError
+        raise ConfigError(re.sub(r"argument (--\w+): expected one argument", r"\1 needs a value", message))
+
+
+def parse_command_line(argv, prog, *kinds):
+    """One settings object per dataclass of `kinds`, from its defaults <- each `--config FILE` (YAML) <- the
+    `--setting value` flags. The flags, their help, defaults and valid values come from the fields."""
+    parser = SettingsParser(prog=prog, usage=f"{prog} [--config FILE] [--setting value ...]",
+                            epilog=COMMANDS_HELP, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file of settings")
+    for f in (f for kind in kinds for f in dataclasses.fields(kind)):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        valid = f" Valid: {f.metadata['valid']}." if f.metadata["valid"] else ""
+        text = f"{f.metadata['help']}.{valid} Default: {default!r}".replace("%", "%%")
+        bare_flag = {"nargs": "?", "const": "true"} if f.type is bool else {}  # `--static_cache` = true
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.type.__name__, help=text,
+                            **bare_flag)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not rest[0].startswith("--"):
+        raise ConfigError(f"expected --setting value, got {rest[0]!r}")
+    values = {}
+    for path in args.config:
+        values.update(read_config_file(path))
+    cli = {k: v for k, v in vars(args).items() if k != "config"}
+    cli.update({a[2:].split("=")[0]: "" for a in rest if a.startswith("--")})  # unknown: make_config says so
+    values.update(cli)
+    settings = []
+    for kind in kinds[:-1]:  # the last kind takes the rest, and names any setting that no kind has
+        names = {f.name for f in dataclasses.fields(kind)} & set(values)
+        settings.append(make_config({k: values.pop(k) for k in names}, set(cli), kind))
+    return settings + [make_config(values, set(cli), kinds[-1])]
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(open(path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(argv=None) -> Config:
+    """The training settings of `python vigor.py [--config FILE] [--setting value ...]`."""
+    return parse_command_line(sys.argv[1:] if argv is None else argv, "python vigor.py", Config)[0]
+
+
+def _typed(name, kind, value, from_cli):
+    """Convert one setting to its field's type, or raise a ConfigError naming what was expected."""
+    if from_cli and kind is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{name}: cannot parse {value!r}: {e}") from None
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"setting {name!r} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def make_config(values: dict, from_cli=(), kind=Config):
+    """Settings (a Config by default) from a {name: value} dict; unknown names, wrong types and bad values are
+    ConfigErrors. Names in `from_cli` hold command-line text, parsed as YAML."""
+    kinds = {f.name: f.type for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; valid settings: {', '.join(kinds)}")
+    return kind(**{k: _typed(k, kinds[k], v, k in from_cli) for k, v in values.items()})
+
+
+DATA_KEYS = {"path", "name", "split", "prompt_column", "answer_column", "limit"}
+
+
+def validate(cfg: Config):
+    """Each setting's valid values (from its field), then combinations; a ConfigError says what is wrong."""
+    for f in dataclasses.fields(cfg):
+        value, valid = getattr(cfg, f.name), f.metadata["valid"]
+        if isinstance(valid, tuple) and value not in valid:
+            raise ConfigError(f"{f.name} must be one of {valid}")
+        if isinstance(valid, str) and not BOUNDS[valid](value):
+            raise ConfigError(f"{f.name} must be {valid}")
+    checks = [
+        (cfg.num_generations >= 2,
+         "num_generations (G) must be >= 2: GRPO compares completions within a group"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+         "device must be auto, cpu, cuda or cuda:N"),
+        (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
+        (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+         "report_to: tensorboard needs the tensorboard package: pip install tensorboard"),
+        (cfg.parallelism != "fsdp" or not cfg.lora_r, "parallelism fsdp shards a full fine-tune; with LoRA "
+         "use ddp (the frozen base is then replicated and only the adapter is trained)"),
+        (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
+         cfg.grad_norm_method == "per_layer", "parallelism fsdp needs grad_norm_method per_layer: "
+         "torch.func's vmap cannot take per-sample gradients of sharded parameters"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for spec in [cfg.train_data, *cfg.eval_data]:
+        if not isinstance(spec, dict) or "path" not in spec or set(spec) - DATA_KEYS:
+            raise ConfigError(f"a data setting must be a mapping with 'path' and keys from "
+                              f"{sorted(DATA_KEYS)}, got {spec!r}")
+
+
+# --- Appendix 2: processes: one, or N under `torchrun --nproc_per_node N vigor.py` (DDP or FSDP2) ----------
 def setup_device(cfg):
-    """(device, dtype). Under torchrun (WORLD_SIZE set) also joins the process group: nccl on CUDA with one GPU
-    per process (cuda:LOCAL_RANK), gloo on CPU. Settings are checked first, so every rank stops on the same error."""
+    """(device, dtype). Under torchrun (WORLD_SIZE set) also joins the process group: nccl on CUDA with one
+    GPU per process (cuda:LOCAL_RANK), gloo on CPU. Settings are checked first, so every rank stops on the
+    same error."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     world, local = int(os.environ.get("WORLD_SIZE", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -569,13 +1232,15 @@ def setup_device(cfg):
                           "torchrun --nproc_per_node N vigor.py ... (N = 1 works)")
     if world:
         if cfg.prompts_per_step % world:
-            raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} is the global batch: it must be a multiple "
-                              f"of the {world} processes (each rank takes an equal share)")
+            raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} is the global batch: it must be a "
+                              f"multiple of the {world} processes (each rank takes an equal share)")
         if name.startswith("cuda:"):
-            raise ConfigError("under torchrun each process takes cuda:LOCAL_RANK: set device auto or cuda, not cuda:N")
+            raise ConfigError("under torchrun each process takes cuda:LOCAL_RANK: set device auto or cuda, "
+                              "not cuda:N")
         if name == "cuda":
             if local >= torch.cuda.device_count():
-                raise ConfigError(f"torchrun started a process for GPU {local}, but {torch.cuda.device_count()} are visible")
+                raise ConfigError(f"torchrun started a process for GPU {local}, but "
+                                  f"{torch.cuda.device_count()} are visible")
             name = f"cuda:{local}"
             torch.cuda.set_device(name)
         if not dist.is_initialized():
@@ -597,6 +1262,11 @@ def all_sum(t):
     return t
 
 
+def sum_over_ranks(named):
+    """{name: 0-d tensor} summed over every rank in one all-reduce (unchanged on one process)."""
+    return dict(zip(named, all_sum(torch.stack(list(named.values())))))
+
+
 def all_gather(obj):
     """[obj of rank 0, obj of rank 1, ...] for small picklable objects (texts, metrics, RNG states)."""
     if not dist.is_initialized():
@@ -606,22 +1276,38 @@ def all_gather(obj):
     return out
 
 
+def gather_columns(columns):
+    """{name: [n] tensor or list} of every rank, concatenated in rank order (ranks hold equal shares)."""
+    parts = all_gather(columns)
+    return {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(v) else [x for p in parts for x in p[k]]
+            for k, v in columns.items()}
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
+def my_batches(n, batch_size):
+    """Indices of this rank's items when n items go in batches of batch_size: batches r, r + N, r + 2N, ..."""
+    rank, world = rank_and_world()
+    mine = []
+    for start in range(rank * batch_size, n, world * batch_size):
+        mine.extend(range(start, min(start + batch_size, n)))
+    return mine
+
+
 def parallelize(cfg, policy, ref, dtype):
     """The module the update's forward and backward go through; generation and the reward pass use `policy`.
-    One process: the policy itself. Under torchrun, ddp: a DistributedDataParallel wrapper (each rank holds the
-    whole model); fsdp: FSDP2 shards each decoder layer, then the rest, of the policy and the reference in place
-    (each rank holds 1/N of the weights, gradients and AdamW states; a layer's weights are all-gathered for its
-    forward and backward, in the compute dtype). Both average the gradients of the ranks."""
+    One process: the policy itself. Under torchrun, ddp: a DistributedDataParallel wrapper (each rank holds
+    the whole model); fsdp: FSDP2 shards each decoder layer, then the rest, of the policy and the reference in
+    place (each rank holds 1/N of the weights, gradients and AdamW states; a layer's weights are all-gathered
+    for its forward and backward, in the compute dtype). Both average the gradients of the ranks."""
     if not dist.is_initialized():
         return policy
     if cfg.parallelism == "ddp":  # the weights are broadcast from rank 0 (a LoRA init is random)
-        device = policy.device
-        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
+        on_gpu = [policy.device] if policy.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=on_gpu)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     for model, mp in ((policy, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)),
                       (ref, MixedPrecisionPolicy())):
@@ -638,9 +1324,9 @@ def fsdp_modules(model):
 
 @contextlib.contextmanager
 def gathered(model):
-    """FSDP: keep every layer's full weights for generation and the reward pass (no-op otherwise). Ranks sample
-    completions of different lengths, so they run different numbers of forward passes; with the weights
-    gathered once up front, those passes need no collective that the other ranks would have to join."""
+    """FSDP: keep every layer's full weights for generation and the reward pass (no-op otherwise). Ranks
+    sample completions of different lengths, so they run different numbers of forward passes; with the
+    weights gathered once up front, those passes need no collective that other ranks would have to join."""
     shards = fsdp_modules(model)
     for m in shards:
         m.unshard()
@@ -655,320 +1341,39 @@ def gathered(model):
             m.reshard()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Rollouts: G sampled completions per prompt, all groups of a step batched together
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class Rollouts:
-    input_ids: torch.Tensor   # [N, L] prompt + completion, right-padded (N = prompts * G, groups consecutive)
-    loss_mask: torch.Tensor   # [N, L] 1 on completion tokens (the EOS included, as the authors count it)
-    lengths: torch.Tensor     # [N] T, completion tokens
-    truncated: torch.Tensor   # [N] bool, hit max_new_tokens without an EOS
-    completions: list         # [N] decoded text, EOS dropped
-    prompt_index: list        # [N] which prompt of the batch
-
-    def __len__(self):
-        return len(self.completions)
+def gradient_sync(wrapped, now):
+    """DDP all-reduces gradients in every backward; on all but the last micro-batch, `no_sync` skips that."""
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not now:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_prompts=0, greedy=False,
-                  temperature=1.0, top_k=0, top_p=1.0, static_cache=False) -> Rollouts:
-    from transformers import GenerationConfig
-    stops = stop_token_ids(model, tok)
-    # a fresh GenerationConfig: hub models ship defaults (repetition penalty, top_p) we must not inherit
-    gen = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                           eos_token_id=stops, num_return_sequences=num_generations,
-                           **({"cache_implementation": "static"} if static_cache else {}),
-                           **({} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)))
-    tok.padding_side = "left"
-    seqs, masks, lengths, truncated, texts, index = [], [], [], [], [], []
-    step = batch_prompts or len(prompts)
-    for start in range(0, len(prompts), step):
-        enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        # synced_gpus: HF would step FSDP ranks together; weights are gathered (`gathered`), so each goes alone
-        out = model.generate(**enc, generation_config=gen, synced_gpus=False).cpu()
-        width = enc["input_ids"].shape[1]
-        for row, new in enumerate(out[:, width:].tolist()):
-            p = row // num_generations
-            prompt = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
-            ends = [i for i, t in enumerate(new) if t in stops]
-            completion = new[:ends[0] + 1] if ends else new
-            seqs.append(prompt + completion)
-            masks.append([0] * len(prompt) + [1] * len(completion))
-            lengths.append(len(completion))
-            truncated.append(not ends)
-            texts.append(tok.decode(completion[:-1] if ends else completion, skip_special_tokens=True))
-            index.append(start + p)
-    return Rollouts(pad_right(seqs, tok.pad_token_id), pad_right(masks, 0), torch.tensor(lengths),
-                    torch.tensor(truncated), texts, index)
+def clipped_update_norm(policy, max_norm):
+    """Clip the update's gradient to max_norm over every rank; returns its norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
 
 
-# ----------------------------------------------------------------------------------------------------
-# Rewards
-# ----------------------------------------------------------------------------------------------------
-def token_logps(logits, input_ids):
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) in float32: [B, L-1]."""
-    logits = logits[:, :-1].float()
-    return logits.gather(-1, input_ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+# --- Appendix 3: the run folder, metrics files and checkpoints ----------------------------------------------
+@contextlib.contextmanager
+def atomic(path):
+    """Write `path` (a file or a folder) as the yielded `path.tmp`, which then replaces `path` in one rename:
+    a kill at any moment leaves the old `path` or the complete new one."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
-def completion_mean(per_token, loss_mask):
-    """Mean of a per-position value [B, L-1] over each row's completion tokens: [B]."""
-    w = loss_mask[:, 1:].float()
-    return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
+def write_text_atomically(path, text):
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def mean_nll(logits, input_ids, loss_mask):
-    """l(x, y) = (1/T) sum_t -log p(y_t | x, y_<t) over completion tokens, per row: [B]."""
-    return completion_mean(-token_logps(logits, input_ids), loss_mask)
-
-
-def grad_norms(model, input_ids, loss_mask, chunk_size=None):
-    """||grad_theta l(x, y)||_2 for each row, with l = (1/T) sum_{t: mask=1} -log p(y_t | y_<t).
-
-    torch.func: `grad` of one sequence's loss through `functional_call`, `vmap`ped over the batch, so
-    the B per-sample gradients are exact (no cross-talk) and only `chunk_size` of them exist at once.
-    Right padding needs no attention mask (pads come after every real token and carry no loss).
-    Parameters with requires_grad=False (a frozen body under LoRA) are constants. Returns float32 [B].
-    """
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    frozen.update(dict(model.named_buffers()))
-
-    def loss(p, ids, mask):  # one sequence: ids, mask [L]
-        logits = functional_call(model, (p, frozen), (ids[None],), {"use_cache": False}).logits
-        return mean_nll(logits, ids[None], mask[None])[0]
-
-    def squared_norm(p, ids, mask):
-        return sum((g.float() ** 2).sum() for g in grad(loss)(p, ids, mask).values())
-
-    per_row = vmap(squared_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
-    return per_row(params, input_ids, loss_mask).sqrt()
-
-
-def per_layer_grad_norms(model, input_ids, loss_mask):
-    """The same exact norms as `grad_norms`, from ONE batched backward of sum_b l_b (samples do not interact,
-    so it yields every sample's activation gradients). Per layer, with a_t its input and g_t its output grad:
-        Linear W:  ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)   (two T x T Grams, or the dout x din
-                   per-sample gradient when that is smaller);  bias: ||sum_t g_t||^2
-        RMSNorm w: ||sum_t g_t * xhat_t||^2;  embedding: sum over position pairs holding the same id of g_t . g_s
-        tied head/embedding: + 2 <head grad, embedding grad> = 2 sum_{s,t} q_s[id_t] (h_s . e_t)
-    No parameter gets a gradient (the weight-gradient matmuls are skipped); per-sample gradients of the whole
-    model never exist. Known as ghost norms (Goodfellow 2015; Li et al. 2022)."""
-    ids_of = lambda ps: {id(p) for p in ps}
-    trainable = ids_of(p for p in model.parameters() if p.requires_grad)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head.weight is emb.weight
-    B, L = input_ids.shape
-    sq, late, hooks, flags = torch.zeros(B, device=input_ids.device), {}, [], {}
-
-    def gram(x):
-        return (x @ x.transpose(1, 2)).float()  # [B, L, L]
-
-    def linear(mod, a, g):
-        a = a.to(g.dtype)  # under autocast a layer's input can be fp32 while it computes (and g is) bf16
-        if id(mod.weight) in trainable:
-            grams_cheaper = L * (a.shape[-1] + g.shape[-1]) < a.shape[-1] * g.shape[-1]  # FLOPs of each way
-            # matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation); squares sum in fp32
-            sq.add_((gram(a) * gram(g)).sum((1, 2)) if grams_cheaper else
-                    (g.transpose(1, 2) @ a).float().square().sum((1, 2)))
-        if mod.bias is not None and id(mod.bias) in trainable:
-            sq.add_(g.float().sum(1).square().sum(1))
-        if mod is head and tied:  # q_s[id_t] and h_s, for the cross term once e_t is known
-            late["q_at_ids"] = g.gather(2, input_ids[:, None, :].expand(B, L, L)).float()
-            late["h"] = a.float()
-
-    def rms_norm(mod, x, g):
-        x = x.float()
-        xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
-        sq.add_((g.float() * xhat).sum(1).square().sum(1))
-
-    def on_forward(rule):
-        def hook(mod, inputs, out):
-            if flags.setdefault(mod, 0):
-                raise ValueError(f"per_layer_grad_norms: {type(mod).__name__} is called twice in one forward")
-            flags[mod] = 1
-            a = inputs[0].detach()
-            out.register_hook(lambda g: rule(mod, a, g))
-        return hook
-
-    covered = set() if id(emb.weight) not in trainable else {id(emb.weight)}
-    for mod in model.modules():
-        rule = linear if isinstance(mod, torch.nn.Linear) else rms_norm if hasattr(mod, "variance_epsilon") else None
-        own = ids_of(mod.parameters(recurse=False)) & trainable
-        if rule and own:
-            hooks.append(mod.register_forward_hook(on_forward(rule)))
-            covered |= own
-    if trainable - covered:
-        raise ValueError("per_layer_grad_norms handles Linear, RMSNorm and embedding parameters only; "
-                         "use grad_norm_method=vmap for this model")
-    flat = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in flat:
-            p.requires_grad_(False)
-        x = emb(input_ids).detach().requires_grad_(True)  # the one leaf: every activation gets a gradient
-        per_sample = mean_nll(model(inputs_embeds=x, use_cache=False).logits, input_ids, loss_mask)
-        (e,) = torch.autograd.grad(per_sample.sum(), x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for p in flat:
-            p.requires_grad_(True)
-    if id(emb.weight) in trainable:
-        same = (input_ids[:, :, None] == input_ids[:, None, :]).float()
-        sq += (gram(e) * same).sum((1, 2))
-        if tied and "h" in late:
-            sq += 2 * (late["q_at_ids"] * (late["h"] @ e.float().transpose(1, 2))).sum((1, 2))
-    return sq.clamp(min=0).sqrt()
-
-
-def lm_head_grad_norms(model, input_ids, loss_mask):
-    """The paper's cheap approximation: ||grad_W l|| for the LM-head weight W alone, from one forward pass.
-    With q_t = softmax(logits_t) - onehot(y_t) and h_t the head's input at position t:
-        grad_W l = (1/T) sum_t q_t h_t^T   =>   ||grad_W l||_F^2 = (1/T^2) sum_{t,s} (q_t . q_s) (h_t . h_s)
-    (two T x T Gram matrices; no backward pass, no [V, d] per-sample gradient)."""
-    with torch.no_grad():
-        h = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
-        q = model.get_output_embeddings()(h).float().softmax(-1)
-        q.scatter_add_(-1, input_ids[:, 1:, None], -torch.ones_like(q[..., :1]))
-        w = loss_mask[:, 1:].float()[..., None]
-        q, h = q * w, h.float() * w  # [B, L-1, V], [B, L-1, d]; positions without loss are zeroed
-        sq = ((q @ q.transpose(1, 2)) * (h @ h.transpose(1, 2))).sum((1, 2))
-        return sq.sqrt() / w.sum((1, 2)).clamp(min=1)
-
-
-def vigor_scores(norms, lengths, sqrt_t=True):
-    """S = -sqrt(T) * ||g||  (paper's length correction: raw ||g|| of a token mean shrinks ~ 1/sqrt(T)).
-    With sqrt_t=False, S = -||g|| (the "w/o sqrt(T)" ablation). Lower norm -> higher score."""
-    if (lengths <= 0).any():
-        raise ValueError("vigor_scores: a completion has T = 0 tokens; it has no token-mean NLL "
-                         "(sampled completions always count their EOS, so T >= 1)")
-    return -(lengths.float().sqrt() * norms if sqrt_t else norms)
-
-
-def rank_rewards(scores, group_size):
-    """R_i = 2 * rank_i / (G - 1) - 1 per consecutive group of G; rank 0 = lowest score (R = -1), G-1 = best
-    (R = +1). Ties go by position, as the authors do: stable argsort twice, the earlier sample ranks lower."""
-    s = scores.view(-1, group_size)
-    ranks = s.argsort(dim=1, stable=True).argsort(dim=1, stable=True).float()
-    return (2 * ranks / (group_size - 1) - 1).view(-1)
-
-
-def share_identical(rewards, completion_ids, group_size):
-    """Identical completions in a group get the mean of their rewards: the same text must not be pushed
-    both up and down by a tie rule. If all G are identical, every advantage (hence the update) is zero."""
-    out = rewards.clone()
-    for g in range(len(completion_ids) // group_size):
-        same = defaultdict(list)
-        for i in range(g * group_size, (g + 1) * group_size):
-            same[tuple(completion_ids[i])].append(i)
-        for idx in same.values():
-            out[idx] = rewards[idx].mean()
-    return out
-
-
-def group_advantages(rewards, group_size, eps=1e-4):
-    """A_i = (R_i - mean_group R) / (std_group R + eps), unbiased std (GRPO). Equal rewards -> A = 0."""
-    r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
-
-
-def self_certainty(model, input_ids, loss_mask):
-    """INTUITOR's score: mean over completion tokens of logsumexp(logits) - mean(logits) (KL(U || p) + log V)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-    return completion_mean(logits.logsumexp(-1) - logits.mean(-1), loss_mask)
-
-
-def auto_chunk_size(model, input_ids, method):
-    """Completions per chunk of the reward pass that fit in half the free memory: activations of a
-    forward+backward (logits dominate: ~12 bytes x vocab per token) plus, for vmap, 3 copies of a per-sample
-    gradient (gradient, square, vmap's buffers). A wrong guess is caught by the out-of-memory retry."""
-    c, device = model.config, input_ids.device
-    per_sample = input_ids.shape[1] * (12 * c.vocab_size + 48 * c.num_hidden_layers * c.hidden_size)
-    if method == "lm_head":  # forward only: logits and softmax, no backward
-        per_sample = input_ids.shape[1] * 12 * c.vocab_size
-    if method == "vmap":
-        per_sample += 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
-        os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, min(len(input_ids), int(free * 0.5 // per_sample)))
-
-
-def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
-    """score_of(model, ids, mask) by chunks of completions (each trimmed to its own padding); an
-    out-of-memory error halves the chunk and retries instead of ending the run."""
-    while True:
-        try:
-            out = []
-            for i in range(0, len(input_ids), chunk):
-                ids, mask = input_ids[i:i + chunk], loss_mask[i:i + chunk]
-                width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else ids.shape[1]
-                out.append(score_of(model, ids[:, :width], mask[:, :width]))
-            return torch.cat(out)
-        except torch.OutOfMemoryError:
-            if chunk <= 1:
-                raise
-            chunk //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            print(f"reward pass: out of memory, retrying {chunk} completions at a time", file=sys.stderr)
-
-
-def compute_rewards(cfg, policy, ro: Rollouts, correct=None):
-    """Scores, rewards and advantages of a step's rollouts: {name: Tensor[N]}; the reward is a constant.
-    `correct` ([N] 0/1, from `grade`) is the gt reward; the other rewards never see it."""
-    G, out = cfg.num_generations, {}
-    ids, mask = ro.input_ids.to(policy.device), ro.loss_mask.to(policy.device)
-    if cfg.reward == "vigor":
-        method = "lm_head" if cfg.reward_params == "lm_head" else cfg.grad_norm_method
-        norms_of = {"lm_head": lm_head_grad_norms, "per_layer": per_layer_grad_norms, "vmap": grad_norms}[method]
-        chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, method)
-        out["grad_norm"] = chunked_scores(norms_of, policy, ids, mask, chunk).cpu()
-        out["score"] = vigor_scores(out["grad_norm"], ro.lengths, cfg.sqrt_t)
-        rewards = rank_rewards(out["score"], G) if cfg.rank else out["score"]
-    elif cfg.reward == "self_certainty":
-        with torch.no_grad():
-            chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, "lm_head")
-            rewards = out["score"] = chunked_scores(self_certainty, policy, ids, mask, chunk).cpu()
-    else:
-        rewards = out["score"] = correct
-    completion_ids = [row[m.bool()].tolist() for row, m in zip(ro.input_ids, ro.loss_mask)]
-    out["reward"] = share_identical(rewards, completion_ids, G)
-    out["advantage"] = group_advantages(out["reward"], G)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# GRPO loss
-# ----------------------------------------------------------------------------------------------------
-def grpo_token_loss(logps, old_logps, ref_logps, advantages, epsilon, epsilon_high, beta):
-    """Per-token GRPO loss [B, T]:  -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL_k3,
-        r = exp(logp - logp_old),  KL_k3 = exp(ref - logp) - (ref - logp) - 1  (>= 0, = 0 when equal).
-    Returns (loss, kl, clipped) where clipped marks tokens whose gradient the clip removed."""
-    ratio = torch.exp(logps - old_logps)
-    a = advantages[:, None]
-    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a
-    kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-    return -torch.min(unclipped, clipped) + beta * kl, kl, clipped < unclipped
-
-
-def policy_logps(model, input_ids, temperature):
-    """log-probs of the sampled tokens under the sampling distribution (logits / temperature, as TRL)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return token_logps(logits / temperature, input_ids), logits
-
-
-def entropy(logits, mask):
-    with torch.no_grad():
-        logp = logits[:, :-1].float().log_softmax(-1)
-        return (-(logp.exp() * logp).sum(-1) * mask).sum()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training loop: run folder, checkpoints, the RL step
-# ----------------------------------------------------------------------------------------------------
 def write_jsonl(path, rows):
     with open(path, "a") as f:
         for r in rows:
@@ -989,13 +1394,14 @@ def truncate_jsonl(path, last_step):
     """Drop lines of steps after `last_step` and the final evaluation (they are redone after a resume)."""
     if os.path.isfile(path):
         keep = [line for line in open(path) if json.loads(line)["step"] <= last_step and "final" not in line]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(path, "".join(keep))
 
 
 def rng_state(device):
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def sharded_checkpoint(path, policy, optimizer, load=False):
@@ -1017,43 +1423,39 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     sharded/), the rest tensors and plain types (loaded with weights_only=True, no arbitrary unpickling).
     Rank 0 writes all but the shards; every rank's RNG state is kept, so a resumed run samples the same."""
     rank = rank_and_world()[0]
-    final = os.path.join(run_dir, f"checkpoint-{step}")
-    tmp, sharded = final + ".tmp", bool(fsdp_modules(policy))
+    name, sharded = f"checkpoint-{step}", bool(fsdp_modules(policy))
     rngs = all_gather(rng_state(policy.device))
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(tmp)
-        if not sharded:
-            policy.save_pretrained(tmp)
-    if sharded:
-        barrier()  # the folder is fresh before any rank writes into it
-        sharded_checkpoint(os.path.join(tmp, "sharded"), policy, optimizer)
-    if rank > 0:
-        return
-    torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rngs, "step": step, "state": state}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
-    for name in os.listdir(run_dir):
-        if name.startswith("checkpoint-") and name != os.path.basename(final):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    with atomic(os.path.join(run_dir, name)) if rank == 0 else contextlib.nullcontext() as tmp:
+        tmp = tmp or os.path.join(run_dir, name + ".tmp")
+        if rank == 0:
+            tok.save_pretrained(tmp)
+            if not sharded:
+                policy.save_pretrained(tmp)
+        if sharded:
+            barrier()  # the folder is fresh before any rank writes into it
+            sharded_checkpoint(os.path.join(tmp, "sharded"), policy, optimizer)
+        if rank > 0:
+            return
+        trainer_state = {"optimizer": None if sharded else optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rngs, "step": step, "state": state}
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    write_text_atomically(os.path.join(run_dir, "latest"), name)
+    for old in os.listdir(run_dir):
+        if old.startswith("checkpoint-") and old != name:
+            shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
 def load_checkpoint(ckpt, policy, optimizer, scheduler):
     """Restore what `save_checkpoint` wrote (the weights of a non-sharded policy were loaded from the folder
-    already); returns (step, state). The same number of processes must resume it: each rank's RNG is restored."""
+    already); returns (step, state). The same number of processes must resume it: each rank's RNG is
+    restored."""
     (rank, world), device = rank_and_world(), policy.device
     saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # a list since several processes
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # a list since torchrun came
     if len(rngs) != world:
-        raise ConfigError(f"{ckpt} was written by {len(rngs)} process(es), this run has {world}: resume it with the "
-                          f"same number (torchrun --nproc_per_node {len(rngs)}, or no torchrun for 1), since each "
-                          "rank's sampling generator is restored")
+        raise ConfigError(f"{ckpt} was written by {len(rngs)} process(es), this run has {world}: resume it "
+                          f"with the same number (torchrun --nproc_per_node {len(rngs)}, or no torchrun for "
+                          "1), since each rank's sampling generator is restored")
     if saved["optimizer"] is None:  # FSDP
         sharded_checkpoint(os.path.join(ckpt, "sharded"), policy, optimizer, load=True)
     else:
@@ -1098,18 +1500,16 @@ def check_run_dir(cfg: Config):
             raise ConfigError(f"run folder {run_dir} holds a run with other settings ({', '.join(diff)}); "
                               "choose another --run_name or delete the folder")
     elif os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise ConfigError(f"{run_dir} exists and is not a vigor run folder (no config.json); refusing to write there")
+        raise ConfigError(f"{run_dir} exists and is not a vigor run folder (no config.json); refusing to "
+                          "write there")
     return run_dir
 
 
 def write_config(run_dir, cfg):
     saved = os.path.join(run_dir, "config.json")
-    if os.path.isfile(saved):
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    with open(saved + ".tmp", "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    os.replace(saved + ".tmp", saved)
+    if not os.path.isfile(saved):
+        os.makedirs(run_dir, exist_ok=True)
+        write_text_atomically(saved, json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def prompt_batch(n_prompts, step, per_step, seed):
@@ -1122,277 +1522,7 @@ def prompt_batch(n_prompts, step, per_step, seed):
     return out
 
 
-class BadStepError(RuntimeError):
-    pass
-
-
-def gather_columns(columns):
-    """{name: [n] tensor or list} of every rank, concatenated in rank order (ranks hold equal shares)."""
-    parts = all_gather(columns)
-    return {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(v) else [x for p in parts for x in p[k]]
-            for k, v in columns.items()}
-
-
-def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, trainer=None):
-    """One VIGOR/GRPO step on this rank's batch of prompts; returns (metrics, completions): the completions of
-    every rank with their texts, prompts, lengths, scores, rewards and advantages, {name: [N] tensor or list}.
-    `trainer` is the module the update runs through (`parallelize`), the policy itself on one process."""
-    G, t0, trainer = cfg.num_generations, time.perf_counter(), trainer or policy
-    world, dev = rank_and_world()[1], policy.device
-    policy.eval()
-    with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
-        ro = sample_groups(policy, tok, prompts, G, cfg.max_completion_length, cfg.generation_batch_size,
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
-        t1 = time.perf_counter()
-        correct = grade(ro, prompts, answers, cfg.answer_format) if answers is not None else None
-        rw = compute_rewards(cfg, policy, ro, correct)
-    t2 = time.perf_counter()
-    if correct is not None:
-        rw["correct"] = correct
-    # metrics and logged completions cover every rank's completions; the update uses this rank's own
-    done = gather_columns({"prompt": [prompts[i] for i in ro.prompt_index], "completion": ro.completions,
-                           "length": ro.lengths, "truncated": ro.truncated, **rw})
-    lengths, rewards = done["length"].float(), done["reward"].view(-1, G)
-    m = {"reward": rewards.mean().item(), "reward_std": rewards.std(1).mean().item(),
-         "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
-         "score": done["score"].mean().item(), "completions/mean_length": lengths.mean().item(),
-         "completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
-         "completions/clipped_ratio": done["truncated"].float().mean().item(),
-         "gen/tokens_per_s": lengths.sum().item() / (t1 - t0), "time/generate": t1 - t0, "time/reward": t2 - t1}
-    if "grad_norm" in done:
-        m["vigor/grad_norm_raw"] = done["grad_norm"].mean().item()
-        m["vigor/sqrt_t_grad_norm"] = (done["grad_norm"] * lengths.sqrt()).mean().item()
-    if correct is not None:
-        m["train/accuracy"] = done["correct"].mean().item()
-    bad = [k for k in rw if not torch.isfinite(done[k]).all()]
-    if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
-        raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
-
-    ids, adv = ro.input_ids.to(dev), rw["advantage"].to(dev)
-    mask = ro.loss_mask[:, 1:].to(dev).float()
-    if cfg.mask_truncated_completions:
-        mask = mask * (~ro.truncated).to(dev).float()[:, None]
-    batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(ids), cfg.micro_batch_size)]
-    with torch.no_grad():  # frozen reference, and the sampling policy's log-probs when it will move
-        with policy.disable_adapter() if ref is None else contextlib.nullcontext():
-            ref_logps = torch.cat([policy_logps(ref or policy, ids[b], cfg.temperature)[0] for b in batches])
-        old_logps = torch.cat([policy_logps(policy, ids[b], cfg.temperature)[0] for b in batches]) \
-            if cfg.num_iterations > 1 else None
-    t3 = time.perf_counter()
-    # the normalisers are global, so N ranks make the update of one process given the same rollouts
-    n_tokens, n_seqs = all_sum(mask.sum()).clamp(min=1), len(ids) * world
-    ddp = isinstance(trainer, torch.nn.parallel.DistributedDataParallel)
-    trainer.train()
-    for it in range(cfg.num_iterations):
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, clipped tokens, entropy
-        for b in batches:
-            with trainer.no_sync() if ddp and b is not batches[-1] else contextlib.nullcontext():  # one all-reduce
-                logps, logits = policy_logps(trainer, ids[b], cfg.temperature)
-                old = logps.detach() if old_logps is None else old_logps[b]
-                per_token, kl, clipped = grpo_token_loss(logps, old, ref_logps[b], adv[b], cfg.epsilon,
-                                                         cfg.epsilon_high, cfg.beta)
-                mb = mask[b]
-                if cfg.loss_type == "bnpo":
-                    loss = (per_token * mb).sum() / n_tokens
-                else:
-                    loss = ((per_token * mb).sum(1) / mb.sum(1).clamp(min=1)).sum() / n_seqs
-                (loss * world).backward()  # DDP and FSDP average gradients over ranks: x world makes it the sum
-            sums += torch.stack([loss.detach(), (kl.detach() * mb).sum(), (clipped.float() * mb).sum(),
-                                 entropy(logits, mb)]).double()
-        update_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        update_norm = (update_norm.full_tensor() if hasattr(update_norm, "full_tensor") else update_norm).item()
-        loss_sum, kl_sum, clip_sum, entropy_sum = all_sum(sums).tolist()
-        if not (math.isfinite(loss_sum) and math.isfinite(update_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            raise BadStepError(f"loss {loss_sum} / gradient norm {update_norm} is NaN/inf")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if it == 0:
-            m.update({"loss": loss_sum, "kl": kl_sum / n_tokens.item(), "grad_norm": update_norm,
-                      "entropy": entropy_sum / n_tokens.item(), "clip_ratio/region_mean": clip_sum / n_tokens.item()})
-    trainer.eval()
-    t4 = time.perf_counter()
-    m.update({"learning_rate": scheduler.get_last_lr()[0], "time/reference": t3 - t2, "time/update": t4 - t3,
-              "step_time": t4 - t0})
-    if dev.type == "cuda":  # this rank's peak over the step
-        m["memory/peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        torch.cuda.reset_peak_memory_stats(dev)
-    return m, done
-
-
-def train(cfg: Config) -> dict:
-    """The whole run: data, models, optional resume, evaluation before/after, RL steps, final save. Under torchrun
-    every rank runs this same function on its share of each step's prompts; only rank 0 prints and writes."""
-    from transformers import get_cosine_schedule_with_warmup
-    started = time.time()
-    device, dtype = setup_device(cfg)
-    rank, world = rank_and_world()
-    say = print if rank == 0 else lambda *a, **k: None
-    # bad data or a bad model path fails here, before anything is written
-    raw_prompts, answers = load_prompts(cfg.train_data)
-    eval_sets = [(spec, *load_prompts(spec)) for spec in cfg.eval_data]
-    for spec, _, gold in eval_sets:
-        if gold is None:
-            raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
-    if cfg.reward == "gt" and answers is None:
-        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
-    run_dir = check_run_dir(cfg)
-    if rank > 0:
-        barrier()  # rank 0 builds (or finds) the tiny model's warm start; the others then read its cache
-    base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
-    if rank == 0:
-        barrier()
-    ckpt = latest_checkpoint(run_dir)
-    # before the models (a LoRA adapter's initialisation is random); each rank samples its own completions
-    torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    # FSDP: the checkpoint's weights are loaded shard by shard once the model is sharded (load_checkpoint)
-    policy, tok, ref = load_policy(cfg, base, None if cfg.parallelism == "fsdp" else ckpt, device, dtype)
-    trainer = parallelize(cfg, policy, ref, dtype)
-
-    texts = [format_prompt(tok, p, cfg.system_prompt) for p in raw_prompts]
-    kept = [i for i, t in enumerate(texts) if len(tok(t, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length]
-    prompts = [texts[i] for i in kept]
-    if not prompts:
-        raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
-    answers = [answers[i] for i in kept] if answers else None
-    metrics_path, completions_path = (os.path.join(run_dir, n) for n in ("metrics.jsonl", "completions.jsonl"))
-
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    total = max(1, cfg.steps * cfg.num_iterations)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    state = {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
-    start = 0
-    if ckpt:
-        start, state = load_checkpoint(ckpt, policy, optimizer, scheduler)
-        say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
-    writer = None
-    if rank == 0:
-        write_config(run_dir, cfg)
-        for path in (metrics_path, completions_path):
-            truncate_jsonl(path, start)
-        if cfg.report_to == "tensorboard":  # purge_step: a resumed run's redone steps replace the old events
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start or None)
-    say(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than max_prompt_length), "
-        f"model {base} on {device}" + (f" x {world} processes ({cfg.parallelism})" if world > 1 else "") +
-        f", run folder {run_dir}")
-    log = (lambda row: log_metrics(metrics_path, writer, row)) if rank == 0 else lambda row: None
-
-    # bf16 compute for every forward from here on; log-probs, norms and the loss are computed in fp32
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        if state["eval_before"] is None:
-            state["eval_before"] = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
-            log({"step": 0, **state["eval_before"]})
-        from tqdm.auto import tqdm
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="VIGOR RL", dynamic_ncols=True,
-                   disable=rank > 0)
-        share = cfg.prompts_per_step // world
-        for step in bar:  # the step's prompts are global; this rank takes its share of them
-            idx = prompt_batch(len(prompts), step, cfg.prompts_per_step, cfg.seed)[rank * share:(rank + 1) * share]
-            batch_answers = [answers[i] for i in idx] if answers else None
-            try:
-                m, done = rl_step(cfg, policy, ref, tok, optimizer, scheduler, [prompts[i] for i in idx],
-                                  batch_answers, trainer)
-                state["bad_in_a_row"] = 0
-            except BadStepError as e:
-                state["bad_in_a_row"] += 1
-                state["skipped_steps"] += 1
-                m, done = {"skipped": str(e)}, None
-                if rank == 0:
-                    tqdm.write(f"step {step + 1}: skipped, {e}")
-                if state["bad_in_a_row"] >= cfg.max_bad_steps:
-                    raise BadStepError(f"{state['bad_in_a_row']} steps in a row were skipped (last: {e}); stopping. "
-                                       "Lower lr, check the data, or use float32") from None
-            m.update({"step": step + 1, "skipped_steps": state["skipped_steps"]})
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                m.update(evaluate(policy, tok, eval_sets, cfg))
-            log(m)
-            if rank == 0 and done is not None and cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
-                as_json = {"length": int, "truncated": bool}  # the other tensor columns are floats
-                write_jsonl(completions_path, [
-                    {"step": step + 1, **{k: v[i] if isinstance(v, list) else as_json.get(k, float)(v[i])
-                                          for k, v in done.items()}} for i in range(len(done["completion"]))])
-            if done is not None:
-                bar.set_postfix({k.split("/")[-1]: f"{m[k]:.3g}" for k in
-                                 ("score", "kl", "completions/mean_length", "train/accuracy") if k in m})
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-                save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, state)
-        bar.close()
-
-        final = evaluate(policy, tok, eval_sets, cfg, cfg.eval_samples)
-    log({"step": cfg.steps, "final": True, **final})
-    save_final(os.path.join(run_dir, "final"), policy, tok)
-    summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final, "wall_s": time.time() - started}
-    if rank == 0:
-        if writer is not None:
-            writer.close()
-        print_summary(summary, metrics_path, cfg.reward)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
-    """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}; with
-    samples = k, also mean@k (accuracy of k sampled completions) and pass@k (a prompt with one correct of k).
-    Under torchrun rank r takes batches r, r + N, ... of eval_batch_size prompts (the very batches of one process,
-    so greedy results equal its own) and the counts are summed over ranks."""
-    (rank, world), bs, out = rank_and_world(), cfg.eval_batch_size, {}
-    model.eval()
-    for spec, questions, gold in eval_sets:
-        mine = [i for b in range(rank * bs, len(questions), world * bs) for i in range(b, min(b + bs, len(questions)))]
-        prompts = [format_prompt(tok, questions[i], cfg.system_prompt) for i in mine]
-        answers = [gold[i] for i in mine]
-        # greedy correct, greedy tokens, prompts, sampled correct, prompts with one of k correct
-        counts = torch.zeros(5, device=model.device)
-        with gathered(model):
-            if mine:
-                ro = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, bs, greedy=True)
-                counts[:3] = torch.tensor([grade(ro, prompts, answers, cfg.answer_format).sum(), ro.lengths.sum(), len(mine)])
-                if samples:
-                    ro = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, bs,
-                                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-                    correct = grade(ro, prompts, answers, cfg.answer_format).view(len(prompts), samples)
-                    counts[3:] = torch.tensor([correct.sum(), correct.amax(1).sum()])
-        right, tokens, n, sampled, passed = all_sum(counts)
-        name = f"eval/{os.path.basename(spec['path'])}"
-        out[f"{name}/accuracy"], out[f"{name}/mean_length"] = (right / n).item(), (tokens / n).item()
-        if samples:
-            out[f"{name}/mean@{samples}"], out[f"{name}/pass@{samples}"] = (sampled / (n * samples)).item(), (passed / n).item()
-    return out
-
-
-def window_mean(metrics, key, last=True, fraction=0.2):
-    """Mean of `key` over the first or last `fraction` of the trained steps (nan when never logged)."""
-    trained = [m for m in metrics if "kl" in m]
-    n = max(1, int(len(trained) * fraction))
-    values = [m[key] for m in (trained[-n:] if last else trained[:n]) if key in m]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def print_summary(summary, metrics_path, reward):
-    metrics = read_jsonl(metrics_path)
-    print(f"\nVIGOR run done in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
-    for key in summary["after"]:
-        what = "greedy, held out" if key.endswith("/accuracy") else "sampled, held out" if "@" in key else None
-        if what:
-            print(f"  {key} ({what}): before RL {summary['before'][key]:.1%}  after RL {summary['after'][key]:.1%}")
-    score = {"vigor": "-sqrt(T) * ||g||", "self_certainty": "self-certainty", "gt": "correctness"}[reward]
-    for key, what in [("completions/mean_length", "mean completion length (tokens)"), ("score", f"mean score ({score})"),
-                      ("reward_std", "reward std within groups (the mean is 0 for rank rewards)"),
-                      ("kl", "KL to reference (k3, per token)"), ("train/accuracy", "sampled-completion accuracy")]:
-        if any(key in m for m in metrics):
-            print(f"  {what}: first 20% of steps {window_mean(metrics, key, False):.4g} -> last 20% "
-                  f"{window_mean(metrics, key):.4g}")
-    print(f"  wrote config.json, metrics.jsonl, completions.jsonl, checkpoint-*/ and final/ in {summary['run_dir']}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Analyses of run folders: the paper's tables, in miniature
-# ----------------------------------------------------------------------------------------------------
+# --- Tools 1: analyses of run folders, the paper's tables in miniature, and the study -----------------------
 def read_jsonl(path):
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: is this a run folder?")
@@ -1401,9 +1531,11 @@ def read_jsonl(path):
 
 def print_table(title, header, rows):
     """Print a markdown table under a title; return the table's text."""
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    text = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
-                      ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    text = "\n".join(lines)
     print(f"\n{title}\n{text}")
     return text
 
@@ -1428,10 +1560,10 @@ def save_plot(path, panels):
 
 
 def length_bias(run_dir, bins=4):
-    """Does raw ||g|| shrink like 1/sqrt(T) with length while sqrt(T)*||g|| stays flat (paper)? Compared inside
-    each group (completions of one prompt), so a prompt's difficulty cannot stand in for its length: a norm is
-    divided by its group's geometric mean, and the slope of log-norm on log T, pooled over groups after
-    removing each group's mean, estimates the exponent (paper: -0.5 raw, 0 corrected)."""
+    """Does raw ||g|| shrink like 1/sqrt(T) with length while sqrt(T)*||g|| stays flat (paper)? Compared
+    inside each group (completions of one prompt), so a prompt's difficulty cannot stand in for its length:
+    a norm is divided by its group's geometric mean, and the slope of log-norm on log T, pooled over groups
+    after removing each group's mean, estimates the exponent (paper: -0.5 raw, 0 corrected)."""
     G = json.load(open(os.path.join(run_dir, "config.json")))["num_generations"]
     rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if "grad_norm" in r]
     if not rows:
@@ -1475,7 +1607,7 @@ def rank_correctness(run_dir, fraction=0.2):
         part = [r for r in rows if r["step"] in chosen]
         for g in range(0, len(part) - G + 1, G):
             group = part[g:g + G]
-            rewards = rank_rewards(torch.tensor([r["score"] for r in group]), G)  # training's ranks and tie rule
+            rewards = rank_rewards(torch.tensor([r["score"] for r in group]), G)  # training's ranks and ties
             for r, reward in zip(group, rewards.tolist()):
                 from_best = round((1 - reward) * (G - 1) / 2)  # +1 -> 0 (rank 1), -1 -> G-1 (rank G)
                 hits[from_best][0] += r["correct"]
@@ -1501,13 +1633,13 @@ def compare_runs(run_dirs, out_png=None):
         metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
         acc_key = next((k for k in metrics[0] if k.endswith("/accuracy")), None)
         final = [m for m in metrics if m.get("final")]
-        table.append((os.path.basename(run.rstrip("/")), metrics[0].get(acc_key, float("nan")),
-                      final[-1].get(acc_key, float("nan")) if final else float("nan"),
-                      *(window_mean(metrics, k) for k in ("completions/mean_length", "kl", "score", "train/accuracy"))))
+        after = final[-1].get(acc_key, float("nan")) if final else float("nan")
+        late = [window_mean(metrics, k) for k in ("completions/mean_length", "kl", "score", "train/accuracy")]
+        table.append((os.path.basename(run.rstrip("/")), metrics[0].get(acc_key, float("nan")), after, *late))
         for key in ("score", "kl", "completions/mean_length", "train/accuracy", acc_key):
             curves[key][table[-1][0]] = curve(metrics, key)
-    print_table("run comparison (last 20% of steps for length, KL, score, sampled accuracy)",
-                ["run", "accuracy before", "accuracy after", "mean length", "KL", "score", "sampled accuracy"], table)
+    print_table("run comparison (last 20% of steps for length, KL, score, sampled accuracy)", ["run",
+                "accuracy before", "accuracy after", "mean length", "KL", "score", "sampled accuracy"], table)
     if out_png:
         save_plot(out_png, [(k, v) for k, v in curves.items() if v])
     return table
@@ -1517,73 +1649,98 @@ STUDY = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "vigor_no_rank": {"r
          "self_certainty": {"reward": "self_certainty"}, "gt": {"reward": "gt"}}
 
 
-def study(args):
-    """The paper's comparison in miniature: base / vigor / ablations / self_certainty / gt over seeds, and each
-    claim's number: gain over the base, length drift, KL, within-group length slope, best- vs worst-rank accuracy.
-    Writes study.md (both tables) and study.png (held-out accuracy, KL and length over training, seed means)."""
-    seeds = [7, 8, 9]
-    if "--seeds" in args:
-        i = args.index("--seeds")
-        seeds, args = [int(x) for x in args[i + 1].split(",")], args[:i] + args[i + 2:]
-    base = load_config(args)
+@dataclass
+class StudySettings:
+    seeds: str = arg("7,8,9", "comma-separated seeds; every row of the study runs once per seed")
+
+
+def mean_sd(values):
+    """'mean ± sd' of one number over seeds (sd 0 for a single seed)."""
+    sd = torch.tensor(values).std().item() if len(values) > 1 else 0
+    return f"{sum(values) / len(values):.3f} ± {sd:.3f}"
+
+
+def study(argv):
+    """The paper's comparison in miniature: base / vigor / ablations / self_certainty / gt over seeds, and
+    each claim's number: gain over the base, length drift, KL, within-group length slope, best- vs
+    worst-rank accuracy. Writes study.md (both tables) and study.png (held-out accuracy, KL and length over
+    training, seed means)."""
+    settings, base = parse_command_line(argv, "python vigor.py study", StudySettings, Config)
+    seeds = [int(s) for s in settings.seeds.split(",")]
     runs = defaultdict(list)
     for seed in seeds:
         for name, over in STUDY.items():
-            cfg = make_config({**dataclasses.asdict(base), **over, "seed": seed, "run_name": f"study-{name}-s{seed}",
+            cfg = make_config({**dataclasses.asdict(base), **over, "seed": seed,
+                               "run_name": f"study-{name}-s{seed}",
                                "eval_every": base.eval_every or max(1, base.steps // 10)})
             print(f"\n=== {cfg.run_name}")
             runs[name].append(train(cfg)["run_dir"])
     if rank_and_world()[0] > 0:  # under torchrun, rank 0 alone writes the tables
         return
-    mean_sd = lambda xs: f"{sum(xs) / len(xs):.3f} ± {torch.tensor(xs).std().item() if len(xs) > 1 else 0:.3f}"
-    main, claims, curves = [], [], defaultdict(dict)
+    main_rows, claims, curves = [], [], defaultdict(dict)
     for name, dirs in runs.items():
         logs = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs]
         acc = next(k for k in logs[0][0] if k.endswith("/accuracy"))
         sampled = acc.replace("/accuracy", f"/mean@{base.eval_samples}")
-        col = lambda f: mean_sd([f(m) for m in logs])
-        if not main:
-            main.append(("base (no RL)", col(lambda m: m[0][acc]), "", col(lambda m: m[0].get(sampled, math.nan)), "", ""))
-        main.append((name, col(lambda m: m[-1][acc]), col(lambda m: m[-1][acc] - m[0][acc]),
-                     col(lambda m: m[-1].get(sampled, math.nan)),
-                     f"{col(lambda m: window_mean(m, 'completions/mean_length', False))} -> "
-                     f"{col(lambda m: window_mean(m, 'completions/mean_length'))}", col(lambda m: window_mean(m, "kl"))))
+
+        def over_seeds(value_of):  # one cell: value_of(a seed's metrics lines), as mean ± sd over the seeds
+            return mean_sd([value_of(log) for log in logs])
+        if not main_rows:
+            main_rows.append(("base (no RL)", over_seeds(lambda log: log[0][acc]), "",
+                              over_seeds(lambda log: log[0].get(sampled, math.nan)), "", ""))
+        first_length = over_seeds(lambda log: window_mean(log, "completions/mean_length", False))
+        last_length = over_seeds(lambda log: window_mean(log, "completions/mean_length"))
+        main_rows.append((name, over_seeds(lambda log: log[-1][acc]),
+                          over_seeds(lambda log: log[-1][acc] - log[0][acc]),
+                          over_seeds(lambda log: log[-1].get(sampled, math.nan)),
+                          f"{first_length} -> {last_length}", over_seeds(lambda log: window_mean(log, "kl"))))
         if name.startswith("vigor") or name == "self_certainty":
             with contextlib.redirect_stdout(io.StringIO()):  # their tables per run would drown the summary
                 slopes = [length_bias(d)[0] for d in dirs] if name.startswith("vigor") else []
                 ranks = [rank_correctness(d) for d in dirs]
-            claims.append((name, mean_sd(slopes) if slopes else "no norms", *(mean_sd([r[when][i] for r in ranks])
-                                                    for when in ("early", "late") for i in (0, -1))))
+            best_worst = [mean_sd([r[when][i] for r in ranks]) for when in ("early", "late") for i in (0, -1)]
+            claims.append((name, mean_sd(slopes) if slopes else "no norms", *best_worst))
         for key in (acc, "kl", "completions/mean_length"):
             per_seed = [curve(log, key) for log in logs]
             curves[key][name] = (per_seed[0][0], [sum(v) / len(v) for v in zip(*(ys for _, ys in per_seed))])
+    G = base.num_generations
     text = print_table(f"miniature study, seeds {seeds} (mean ± sd over seeds; held-out = {acc})",
-                       ["method", "held-out greedy accuracy", "gain over base", f"held-out mean@{base.eval_samples}",
-                        "mean length, first -> last 20% of steps", "KL (last 20%)"], main)
-    text += "\n\n" + print_table("claims' numbers: within-group log ||g|| vs log T slope (paper: -0.5), accuracy "
-                                  "of the best- and worst-scored completion of each group, first/last 20% of steps",
-                                  ["reward", "raw ||g|| slope", "rank 1 early", f"rank {base.num_generations} early",
-                                   "rank 1 late", f"rank {base.num_generations} late"], claims)
+                       ["method", "held-out greedy accuracy", "gain over base",
+                        f"held-out mean@{base.eval_samples}", "mean length, first -> last 20% of steps",
+                        "KL (last 20%)"], main_rows)
+    claims_title = ("claims' numbers: within-group log ||g|| vs log T slope (paper: -0.5), accuracy of the "
+                    "best- and worst-scored completion of each group, first/last 20% of steps")
+    text += "\n\n" + print_table(claims_title, ["reward", "raw ||g|| slope", "rank 1 early",
+                                                f"rank {G} early", "rank 1 late", f"rank {G} late"], claims)
     with open(os.path.join(base.out_dir, "study.md"), "w") as f:
         f.write(text + "\n")
     save_plot(os.path.join(base.out_dir, "study.png"), [(k, v) for k, v in curves.items()])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Benchmark: the reward pass, generation and the RL step on random weights of exact Qwen2.5 shapes
-# ----------------------------------------------------------------------------------------------------
-BENCH_SHAPES = {  # Qwen2.5: hidden, intermediate, layers, heads, kv heads, vocab; a group's completion lengths
+# --- Tools 2: benchmark of the reward pass, generation and an RL step, on random Qwen2.5-shaped weights -----
+
+BENCH_SHAPES = {  # Qwen2.5's hidden, intermediate, layers, heads, kv heads, vocab; completion lengths
     "tiny": (64, 256, 2, 4, 2, 1000, (16, 64)),
     "0.5b": (896, 4864, 24, 14, 2, 151936, (128, 512)),
     "1.5b": (1536, 8960, 28, 12, 2, 151936, (256, 1024))}
 
 
+@dataclass
+class BenchSettings:
+    shapes: str = arg("tiny", "comma-separated shapes: tiny (a CPU), 0.5b, 1.5b (Qwen2.5's, CUDA)")
+    parts: str = arg("reward,untied,generation,step", "comma-separated parts: reward (tied embeddings), "
+                     "untied, generation, step (generation and step are skipped for 1.5b)")
+    reps: int = arg(3, "timed calls after a warm-up call; the median is shown")
+    static_cache: bool = arg(False, "the RL step with the static compiled KV cache")
+
+
 def random_model(shape, device, dtype, tied=True, attn="sdpa"):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     h, inter, layers, heads, kv, vocab, _ = BENCH_SHAPES[shape]
-    arch = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, rope_theta=1e6,
-                       tie_word_embeddings=tied, attn_implementation=attn, eos_token_id=0, pad_token_id=0)
+    arch = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                       rope_theta=1e6, tie_word_embeddings=tied, attn_implementation=attn, eos_token_id=0,
+                       pad_token_id=0)
     with torch.device(device):
         return Qwen2ForCausalLM(arch).to(dtype).eval()
 
@@ -1603,12 +1760,18 @@ def timed(fn, reps, device):
     return times[0], sorted(times[1:])[reps // 2], peak, result
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
-    """Each way to get G per-completion norms, side by side with the floor: ONE batched forward+backward of the
-    same loss over the same tokens (what plain training pays). Last column: agreement with the authors' loop."""
+    """Each way to get G per-completion norms, side by side with the floor: ONE batched forward+backward of
+    the same loss over the same tokens (what plain training pays). Last column: agreement with the authors'
+    loop."""
     model = random_model(shape, device, dtype, tied, attn="eager" if device.type == "cpu" else "sdpa")
     lo, hi = BENCH_SHAPES[shape][6]
-    ids = torch.randint(1, BENCH_SHAPES[shape][5], (G, prompt_len + hi), generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, BENCH_SHAPES[shape][5], (G, prompt_len + hi), generator=seeded)
     mask = torch.zeros_like(ids)
     for i, T in enumerate(torch.linspace(lo, hi, G).long().tolist()):
         ids[i, prompt_len + T:] = 0
@@ -1624,9 +1787,12 @@ def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
         model.zero_grad(set_to_none=True)
 
     def loop():  # the authors' way: batch 1, autograd.grad over all parameters
-        n = [int(m.nonzero().max()) + 1 for m in mask]
-        return torch.stack([sum(g.float().square().sum() for g in torch.autograd.grad(nll(x[None, :k], m[None, :k]),
-                            params)).sqrt() for x, m, k in zip(ids, mask, n)])
+        norms = []
+        for x, m in zip(ids, mask):
+            k = int(m.nonzero().max()) + 1
+            grads = torch.autograd.grad(nll(x[None, :k], m[None, :k]), params)
+            norms.append(sum(g.float().square().sum() for g in grads).sqrt())
+        return torch.stack(norms)
     methods = {"floor: one batched forward+backward": floor, "loop, batch 1 (the authors' way)": loop,
                "torch.func vmap, chunk_size 1": lambda: grad_norms(model, ids, mask, 1),
                "torch.func vmap, chunk_size 8": lambda: grad_norms(model, ids, mask, 8),
@@ -1640,17 +1806,14 @@ def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
             t, peak, norms = float("nan"), float("nan"), None
             torch.cuda.empty_cache()
         ref = norms if name.startswith("loop") else ref
-        diff = ((norms.float() - ref.float()).abs() / ref.float()).max().item() if norms is not None and ref is not None \
-            else float("nan")
+        diff = float("nan")
+        if norms is not None and ref is not None:
+            diff = ((norms.float() - ref.float()).abs() / ref.float()).max().item()
         rows.append([name, t * 1e3, peak, f"{diff:.1e}"])
     rows = [[n, t, t / rows[0][1], p, p / rows[0][2], d] for n, t, p, d in rows]
     print_table(f"reward pass, {shape} {'tied' if tied else 'untied'}, {dtype}, G={G}, prompt {prompt_len}, "
                 f"completions {lo}..{hi} on {device_name(device)}",
                 ["method", "ms", "x floor", "peak GiB", "x floor mem", "max rel. diff vs loop"], rows)
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def bench_generation(shape, device, dtype, batch=64, new_tokens=256, prompt_len=128):
@@ -1659,8 +1822,9 @@ def bench_generation(shape, device, dtype, batch=64, new_tokens=256, prompt_len=
     model, rows = random_model(shape, device, dtype), []
     ids = torch.randint(1, BENCH_SHAPES[shape][5], (batch, prompt_len), device=device)
     for cache in ("dynamic", "static"):
-        gen = GenerationConfig(do_sample=True, temperature=0.9, top_k=50, max_new_tokens=new_tokens, pad_token_id=0,
-                               min_new_tokens=new_tokens, eos_token_id=None, cache_implementation=cache)
+        gen = GenerationConfig(do_sample=True, temperature=0.9, top_k=50, max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None,
+                               cache_implementation=cache)
         first, t, _, _ = timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                       generation_config=gen), 1, device)
         rows.append([cache, first, t, f"{batch * new_tokens / t:,.0f}"])
@@ -1673,53 +1837,51 @@ def bench_rl_step(shape, device, dtype, static_cache, steps=3):
     model, ref = random_model(shape, device, dtype), random_model(shape, device, dtype)
     ref.load_state_dict(model.state_dict())
     ref.requires_grad_(False)
-    cfg = make_config({"prompts_per_step": 8, "max_completion_length": BENCH_SHAPES[shape][6][1], "lr": 1e-6,
+    longest = BENCH_SHAPES[shape][6][1]
+    cfg = make_config({"prompts_per_step": 8, "max_completion_length": longest, "lr": 1e-6,
                        "grad_norm_method": "per_layer", "static_cache": static_cache, "micro_batch_size": 16})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    prompts, tok, rows = [r["prompt"] * 12 for r in synthetic_split("train")[:8]], char_tokenizer(BENCH_SHAPES[shape][5]), []
+    prompts = [r["prompt"] * 12 for r in synthetic_split("train")[:8]]
+    tok, rows = char_tokenizer(BENCH_SHAPES[shape][5]), []
+    keys = ("step_time", "time/generate", "time/reward", "time/reference", "time/update",
+            "completions/mean_length")
     for step in range(steps + 1):  # step 0 is the warm-up, not shown
-        m = rl_step(cfg, model, ref, tok, opt, sched, prompts, None)[0]
+        metrics = rl_step(cfg, model, ref, tok, opt, sched, prompts, None)[0]
         if step:
-            rows.append([step] + [m[k] for k in ("step_time", "time/generate", "time/reward", "time/reference",
-                                                 "time/update", "completions/mean_length")] + [f"{m['gen/tokens_per_s']:,.0f}"])
-    print_table(f"RL step, {shape}, 8 prompts x 8 completions up to {cfg.max_completion_length} tokens, static_cache="
-                f"{static_cache}, on {device_name(device)}" + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} "
-                                                                "GiB" if device.type == "cuda" else ""),
-                ["step", "total s", "generate s", "reward s", "reference s", "update s", "mean length", "gen tokens/s"],
-                rows)
+            rows.append([step] + [metrics[k] for k in keys] + [f"{metrics['gen/tokens_per_s']:,.0f}"])
+    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    print_table(f"RL step, {shape}, 8 prompts x 8 completions up to {longest} tokens, "
+                f"static_cache={static_cache}, on {device_name(device)}{peak}",
+                ["step", "total s", "generate s", "reward s", "reference s", "update s", "mean length",
+                 "gen tokens/s"], rows)
 
 
-def bench(args):
+
+def bench(argv):
     """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied,generation,step] [--reps 3]
     [--static_cache]: offline, on random weights; medians after a warm-up, peak memory with the weights."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python vigor.py bench", description=bench.__doc__)
-    p.add_argument("--shapes", default="tiny")
-    p.add_argument("--parts", default="reward,untied,generation,step")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--static_cache", action="store_true", help="RL step with the static compiled cache")
-    a = p.parse_args(args)
+    settings = parse_command_line(argv, "python vigor.py bench", BenchSettings)[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for shape in a.shapes.split(","):
-        for part, run in [("reward", lambda: bench_reward(shape, device, dtype, a.reps, True)),
-                          ("untied", lambda: bench_reward(shape, device, dtype, a.reps, False)),
+    reps, parts = settings.reps, settings.parts.split(",")
+    for shape in settings.shapes.split(","):
+        for part, run in [("reward", lambda: bench_reward(shape, device, dtype, reps, True)),
+                          ("untied", lambda: bench_reward(shape, device, dtype, reps, False)),
                           ("generation", lambda: bench_generation(shape, device, dtype)),
-                          ("step", lambda: bench_rl_step(shape, device, dtype, a.static_cache))]:
-            if part in a.parts.split(",") and not (shape == "1.5b" and part in ("generation", "step")):
+                          ("step", lambda: bench_rl_step(shape, device, dtype, settings.static_cache))]:
+            if part in parts and not (shape == "1.5b" and part in ("generation", "step")):
                 run()
 
 
-COMMANDS = {"length-bias": lambda a: [length_bias(r) for r in a], "rank-table": lambda a: [rank_correctness(r) for r in a],
-            "compare": lambda a: compare_runs(a, os.path.join(a[0], "comparison.png")), "study": study, "bench": bench}
+COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],
+            "rank-table": lambda dirs: [rank_correctness(d) for d in dirs],
+            "compare": lambda dirs: compare_runs(dirs, os.path.join(dirs[0], "comparison.png")),
+            "study": study, "bench": bench}
 
 
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
-    if "-h" in args or "--help" in args:
-        print(usage())
-        return
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
