@@ -3,10 +3,12 @@ loop, the training loop end to end, resume after SIGKILL, and every bad input. R
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -166,12 +168,24 @@ def test_lora_norms_are_over_lora_parameters_only(tied):
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
-def test_reward_pass_works_with_gradient_checkpointing_on(out_dir, lora_r):
-    cfg = quick(out_dir, gradient_checkpointing=True, lora_r=lora_r)
+def test_reward_pass_works_with_gradient_checkpointing_on(monkeypatch, out_dir, lora_r):
+    """Checkpointing acts in train mode, where torch.func refuses its saved-tensor hooks (and per_layer would see
+    every layer run twice): a step must score its completions in eval mode, then update with checkpointing."""
+    cfg = quick(out_dir, gradient_checkpointing=True, lora_r=lora_r, num_generations=4, prompts_per_step=1)
     policy, tok, ref = vigor.load_policy(cfg, vigor.tiny_base_model(cfg), None, torch.device("cpu"), torch.float32)
-    ids, mask = padded_batch(vocab=len(tok))
-    assert torch.allclose(vigor.grad_norms(policy, ids, mask), vigor.per_layer_grad_norms(policy, ids, mask), rtol=1e-4)
     assert (ref is None) == bool(lora_r)
+    ids, mask = padded_batch(vocab=len(tok))
+    policy.train()  # as an update leaves it: checkpointing is active
+    with pytest.raises(RuntimeError, match="saved tensor hooks"):
+        vigor.grad_norms(policy, ids, mask)
+    policy.eval()
+    assert torch.allclose(vigor.grad_norms(policy, ids, mask), vigor.per_layer_grad_norms(policy, ids, mask), rtol=1e-4)
+    attention, runs_in_train_mode = policy.get_decoder().layers[0].self_attn, []
+    attention.register_forward_pre_hook(lambda mod, inputs: runs_in_train_mode.append(1) if mod.training else None)
+    policy.train()
+    _, columns = sgd_step(cfg, policy, ref, one_group(), monkeypatch)  # the reward pass comes first
+    assert torch.isfinite(columns["grad_norm"]).all()
+    assert len(runs_in_train_mode) == 2, "one micro-batch: a forward, then its recomputation in the backward"
 
 
 def test_per_layer_refuses_parameters_it_cannot_handle():
@@ -248,6 +262,78 @@ def test_grpo_token_loss_kl_zero_at_reference_and_clipping():
     assert torch.allclose(kl, torch.full_like(kl, want_kl))
 
 
+def test_grpo_token_loss_lower_clip_negative_advantages_and_asymmetric_epsilon():
+    """eps 0.2, eps_high 0.3, float64. Row 0 (A = -1): ratios 0.75 and 0.5 fall below 1 - eps and are clipped to
+    0.8 (no gradient), 1.5 is not clipped (min keeps the unclipped -1.5). Row 1 (A = +1): 1.25 lies inside
+    1 + eps_high = 1.3 (not clipped), 1.5 is clipped to 1.3, 0.5 is not. Swapping eps and eps_high, or dropping
+    the lower clip, changes these values."""
+    ratio = torch.tensor([[0.75, 0.5, 1.5], [1.25, 1.5, 0.5]], dtype=torch.float64)
+    adv = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    logps = torch.zeros_like(ratio, requires_grad=True)
+    old = logps.detach() - ratio.log()
+    loss, kl, clipped = vigor.grpo_token_loss(logps, old, logps.detach(), adv, 0.2, 0.3, beta=0.0)
+    assert torch.allclose(loss, torch.tensor([[0.8, 0.8, 1.5], [-1.25, -1.3, -0.5]], dtype=torch.float64))
+    assert clipped.tolist() == [[True, True, False], [False, True, False]]
+    loss.sum().backward()  # d/dlogp of -r*A is -r*A where unclipped, 0 where the clip acts
+    assert torch.allclose(logps.grad, torch.tensor([[0, 0, 1.5], [-1.25, 0, -0.5]], dtype=torch.float64))
+
+
+def test_kl_penalty_enters_the_loss_and_its_gradient():
+    """With A = 0 the loss is beta * KL_k3 alone; with d = logp - ref: KL = exp(-d) + d - 1 (>= 0) and
+    d(beta * KL)/dlogp = beta * (1 - exp(-d)): it pulls logp back toward the reference from either side."""
+    d = torch.tensor([[0.5, -0.3, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64).log()
+    logps = (ref + d).requires_grad_(True)
+    loss, kl, _ = vigor.grpo_token_loss(logps, logps.detach(), ref, torch.zeros(1, dtype=torch.float64), 0.2, 0.2,
+                                        beta=0.1)
+    want = torch.exp(-d) + d - 1
+    assert torch.allclose(kl, want) and torch.allclose(loss, 0.1 * want) and (want[0, :2] > 0).all()
+    loss.sum().backward()
+    assert torch.allclose(logps.grad, 0.1 * (1 - torch.exp(-d)))
+
+
+def test_bnpo_and_grpo_normalise_rows_of_different_lengths_differently():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # 3 tokens and 1 token; the 9s are padding
+    # bnpo (the authors'): every token of the step weighs the same, (1 + 2 + 3 + 4) / 4 tokens
+    assert vigor.normalised_loss(per_token, mask, "bnpo", n_tokens=4, n_seqs=2).item() == 2.5
+    # grpo: each sequence's token mean, then the mean over sequences, (6 / 3 + 4 / 1) / 2
+    assert vigor.normalised_loss(per_token, mask, "grpo", n_tokens=4, n_seqs=2).item() == 3.0
+    for loss_type in ("bnpo", "grpo"):  # micro-batches' shares use the step's counts: they add up to the whole
+        parts = [vigor.normalised_loss(per_token[i:i + 1], mask[i:i + 1], loss_type, 4, 2) for i in range(2)]
+        assert sum(parts).item() == vigor.normalised_loss(per_token, mask, loss_type, 4, 2).item()
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits are given: [1, L, V], the same for every row."""
+    def __init__(self, logits):
+        super().__init__()
+        self.z = logits
+
+    def forward(self, input_ids, **kwargs):
+        return types.SimpleNamespace(logits=self.z.expand(len(input_ids), -1, -1))
+
+
+def test_self_certainty_value_by_hand():
+    # vocabulary of 3; positions 0 and 1 predict the two completion tokens, position 2 predicts nothing
+    z = torch.tensor([[[0.0, 0.0, 0.0], [math.log(4), 0.0, 0.0], [5.0, 1.0, 0.0]]])
+    ids, mask = torch.tensor([[1, 2, 0]]), torch.tensor([[0, 1, 1]])
+    # logsumexp - mean: position 0: log 3 - 0; position 1: log(4 + 1 + 1) - log(4) / 3
+    want = (math.log(3) + math.log(6) - math.log(4) / 3) / 2
+    assert vigor.self_certainty(FixedLogits(z), ids, mask).item() == pytest.approx(want, rel=1e-6)
+    peaked = torch.tensor([[[9.0, 0.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    assert vigor.self_certainty(FixedLogits(peaked), ids, mask) > vigor.self_certainty(FixedLogits(z), ids, mask)
+
+
+def test_policy_logps_use_the_sampling_temperature():
+    z = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]])
+    ids = torch.tensor([[0, 1, 2]])
+    logps, logits = vigor.policy_logps(FixedLogits(z), ids, temperature=2.0)
+    want = torch.stack([torch.log_softmax(z[0, 0] / 2, -1)[1], torch.log_softmax(z[0, 1] / 2, -1)[2]])
+    assert torch.allclose(logps[0], want) and torch.equal(logits, z)
+    assert not torch.allclose(logps, vigor.policy_logps(FixedLogits(z), ids, temperature=1.0)[0])
+
+
 def test_grpo_step_changes_parameters_and_lowers_loss():
     model = tiny_model(False).train()
     ids, mask = padded_batch()
@@ -304,6 +390,144 @@ def test_truncated_completions_can_be_left_out_of_the_loss(monkeypatch, out_dir)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def one_group(seed=11, lengths=(2, 4, 7, 12)):
+    """Rollouts of one prompt (ids 5 6 7) and G = 4 random completions of the given lengths, no stop token."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [[5, 6, 7] + torch.randint(3, 37, (n,), generator=g).tolist() for n in lengths]
+    masks = [[0, 0, 0] + [1] * n for n in lengths]
+    return vigor.Rollouts(vigor.pad_right(seqs, 0), vigor.pad_right(masks, 0), torch.tensor(lengths),
+                          torch.zeros(len(lengths), dtype=torch.bool), ["c"] * len(lengths), [0] * len(lengths))
+
+
+def sgd_step(cfg, model, ref, rollouts, monkeypatch, lr=0.05):
+    """One rl_step of `model` on fixed rollouts with plain SGD (the update is the clipped gradient x lr)."""
+    monkeypatch.setattr(vigor, "sample_groups", lambda *a, **k: rollouts)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return vigor.rl_step(cfg, model, ref, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                         ["p"], None)
+
+
+def sequence_logps(model, rollouts):
+    with torch.no_grad():
+        return (vigor.token_logps(model(input_ids=rollouts.input_ids).logits, rollouts.input_ids) *
+                rollouts.loss_mask[:, 1:]).sum(1)
+
+
+@pytest.mark.parametrize("sqrt_t", [True, False])
+def test_lowest_length_corrected_norm_gets_reward_plus_one_and_the_update_favours_it(monkeypatch, sqrt_t):
+    """End to end through rl_step: the completion with the smallest sqrt(T)*||g|| (||g|| from the independent
+    float64 loop) gets reward +1 and the largest advantage; without sqrt(T) the smallest raw ||g|| does, a
+    different completion here; the update raises that completion's log-probability."""
+    model, rollouts = tiny_model(False), one_group()
+    ref = tiny_model(False).requires_grad_(False)
+    norms = loop_norms_float64(model, rollouts.input_ids, rollouts.loss_mask)
+    lengths = rollouts.lengths.double()
+    best = int((lengths.sqrt() * norms if sqrt_t else norms).argmin())
+    assert best == (2 if sqrt_t else 3), "the fixed group must separate the two rules"
+    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.0, "sqrt_t": sqrt_t})
+    before = sequence_logps(model, rollouts)
+    _, columns = sgd_step(cfg, model, ref, rollouts, monkeypatch)
+    assert torch.allclose(columns["grad_norm"].double(), norms, rtol=1e-4)
+    assert columns["reward"][best] == 1 and columns["advantage"][best] == columns["advantage"].max() > 0
+    assert sorted(columns["reward"].tolist()) == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+    gained = sequence_logps(model, rollouts) - before
+    assert gained[best] > 0 and gained[columns["reward"].argmin()] < 0
+
+
+def test_the_reference_stays_the_initial_model_under_full_fine_tuning(monkeypatch, out_dir):
+    cfg = quick(out_dir, beta=0.1, num_generations=4, prompts_per_step=1)
+    policy, tok, ref = vigor.load_policy(cfg, vigor.tiny_base_model(cfg), None, torch.device("cpu"), torch.float32)
+    initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    assert ref is not policy and not any(p.requires_grad for p in ref.parameters())
+    rollouts = one_group()
+    first, _ = sgd_step(cfg, policy, ref, rollouts, monkeypatch)
+    second, _ = sgd_step(cfg, policy, ref, rollouts, monkeypatch)
+    assert any(not torch.equal(initial[k], v) for k, v in policy.state_dict().items()), "the policy must move"
+    assert all(torch.equal(initial[k], v) for k, v in ref.state_dict().items()), "the reference moved"
+    assert first["kl"] == 0 and second["kl"] > 0  # measured against the initial model, not the moving policy
+
+
+def test_two_iterations_reuse_the_sampling_log_probs_and_clip(monkeypatch):
+    """num_iterations 2 on fixed rollouts: iteration 1 sees ratio 1 exactly (no clip); iteration 2 compares the
+    moved policy with the same sampling-time log-probs, and its clip flags follow the rule by hand."""
+    model, rollouts = tiny_model(False), one_group()
+    seen, real = [], vigor.grpo_token_loss
+
+    def recording(logps, old, ref, adv, eps, eps_high, beta):
+        out = real(logps, old, ref, adv, eps, eps_high, beta)
+        seen.append((logps.detach().clone(), old.detach().clone(), adv, out[2]))
+        return out
+    monkeypatch.setattr(vigor, "grpo_token_loss", recording)
+    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "num_iterations": 2, "beta": 0.0,
+                             "epsilon": 0.02, "epsilon_high": 0.05})
+    metrics, _ = sgd_step(cfg, model, tiny_model(False).requires_grad_(False), rollouts, monkeypatch, lr=1.0)
+    assert len(seen) == 2  # one micro-batch, two iterations
+    (logps1, old1, adv, clipped1), (logps2, old2, _, clipped2) = seen
+    mask = rollouts.loss_mask[:, 1:].bool()
+    assert torch.allclose(logps1, old1, atol=1e-6) and not clipped1.any() and metrics["clip_ratio/region_mean"] == 0
+    assert torch.equal(old1, old2), "the old log-probs are the sampling policy's, computed once"
+    ratio = torch.exp(logps2 - old2)
+    assert (ratio[mask] - 1).abs().max() > 0.05, "lr 1 must move the policy past the clip range"
+    a = adv[:, None].expand_as(ratio)
+    want = ((a > 0) & (ratio > 1.05)) | ((a < 0) & (ratio < 0.98))
+    assert torch.equal(clipped2[mask], want[mask]) and want[mask].any()
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
+def test_micro_batches_only_split_the_work(monkeypatch, loss_type):
+    """The same fixed rollouts in one micro-batch of 4 or four of 1: the same update (the loss normalisers
+    count the whole step), beta and the KL term included."""
+    params = []
+    for micro in (4, 1):
+        model, rollouts = tiny_model(False), one_group()
+        cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.5, "loss_type": loss_type,
+                                 "micro_batch_size": micro, "max_grad_norm": 1e6})
+        ref = tiny_model(False, seed=1).requires_grad_(False)  # another model: the KL term is not zero
+        metrics, _ = sgd_step(cfg, model, ref, rollouts, monkeypatch)
+        params.append(([p.detach().clone() for p in model.parameters()], metrics))
+    (one, m1), (four, m4) = params
+    assert m1["kl"] > 0 and m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, four))
+
+
+def test_kl_and_entropy_metrics_are_means_over_completion_tokens(monkeypatch):
+    """The step's kl and entropy, recomputed by hand from the two models' log-probs over the completion
+    tokens only (never the prompt): the loss mask is the completion's, shifted to the predicting positions."""
+    model, rollouts = tiny_model(False), one_group()
+    ref = tiny_model(False, seed=1).requires_grad_(False)
+    ids, mask = rollouts.input_ids, rollouts.loss_mask[:, 1:].double()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        logp, ref_logp = (vigor.token_logps(m(input_ids=ids).logits, ids).double() for m in (model, ref))
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    token_entropy = -(logits[:, :-1].double().softmax(-1) * logits[:, :-1].double().log_softmax(-1)).sum(-1)
+    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.1, "temperature": 1.0})
+    metrics, _ = sgd_step(cfg, model, ref, rollouts, monkeypatch)
+    assert metrics["kl"] == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-4)
+    assert metrics["entropy"] == pytest.approx(((token_entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
+
+
+def test_completion_without_a_stop_token_is_cut_at_the_limit_and_keeps_its_last_token():
+
+    tok = vigor.char_tokenizer()
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                         eos_token_id=tok.eos_token_id)).eval()
+    x = tok.convert_tokens_to_ids("x")
+
+    def always_x(module, inputs, logits):  # the model never writes a stop token
+        out = torch.full_like(logits, -1e4)
+        out[:, -1, x] = 1e4
+        return out
+    model.lm_head.register_forward_hook(always_x)
+    ro = vigor.sample_groups(model, tok, ["1+2=", "10-3="], 1, 5, greedy=True)
+    assert ro.completions == ["xxxxx", "xxxxx"] and ro.lengths.tolist() == [5, 5] and ro.truncated.all()
+    for row, mask, prompt in zip(ro.input_ids, ro.loss_mask, ["1+2=", "10-3="]):
+        n = len(prompt)
+        assert row[:n].tolist() == tok(prompt)["input_ids"] and row[n:n + 5].tolist() == [x] * 5
+        assert mask.tolist()[:n + 5] == [0] * n + [1] * 5  # T = the limit, the last token counted
+
+
 # ---------------------------------------------------------------------------------------------------
 # data, grading, models
 # ---------------------------------------------------------------------------------------------------
@@ -316,6 +540,9 @@ def test_grading_synthetic_gsm8k_and_boxed():
     assert not vigor.is_correct("#### 5\n#### 1000", "#### 1000", "gsm8k")
     assert vigor.is_correct("The answer is $\\boxed{\\frac{1}{2}}$.", "\\boxed{\\dfrac{1}{2}}", "boxed")
     assert vigor.extract_answer("\\boxed{x^{2}+1}", "boxed") == "x^{2}+1"
+    assert vigor.extract_answer("first \\boxed{3}, then \\boxed{4}", "boxed") == "4"  # the last box
+    assert vigor.extract_answer("#### 5\n#### 6", "gsm8k") == "5" and vigor.extract_answer("3 then 4") == "4"
+
     assert not vigor.is_correct("no number here", "#### 4")
     for row in vigor.synthetic_split("test")[:50]:  # a gold solution grades as correct against its answer
         assert vigor.is_correct(row["solution"], row["answer"])
@@ -552,18 +779,31 @@ def test_resume_after_sigkill_matches_uninterrupted_run(out_dir):
         assert without_timing(got) == without_timing(want), name
 
 
-def test_partial_checkpoint_write_leaves_previous_usable(out_dir, capsys):
-    cfg = quick(out_dir, run_name="partial", steps=2, save_every=1)
-    first = vigor.train(cfg)
-    run = os.path.join(out_dir, "partial")
-    os.makedirs(os.path.join(run, "checkpoint-3.tmp"))  # as if killed while writing a later checkpoint
-    open(os.path.join(run, "checkpoint-3.tmp", "model.safetensors"), "w").write("garbage")
-    assert vigor.latest_checkpoint(run).endswith("checkpoint-2")
+def test_partial_checkpoint_write_leaves_previous_usable(monkeypatch, out_dir, capsys):
+    """A kill while checkpoint-3 is being written (its weights are on disk, its trainer state is not) leaves
+    `latest` on the complete checkpoint-2, and the same command resumes from it to the uninterrupted result."""
+    cfg = quick(out_dir, run_name="partial", steps=3, save_every=1)
+    run, real_save = os.path.join(out_dir, "partial"), torch.save
+
+    def killed_while_writing_checkpoint_3(obj, path, *a, **k):
+        if "checkpoint-3" in str(path):
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", killed_while_writing_checkpoint_3)
+    with pytest.raises(KeyboardInterrupt):
+        vigor.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert os.path.isfile(os.path.join(run, "checkpoint-3.tmp", "model.safetensors"))  # half written
+    assert vigor.latest_checkpoint(run).endswith("checkpoint-2") and not os.path.exists(os.path.join(run, "checkpoint-3"))
     state_file = os.path.join(run, "checkpoint-2", "trainer_state.pt")
     saved = torch.load(state_file, weights_only=True)  # written before several processes: one RNG state, no list
     torch.save({**saved, "rng": saved["rng"][0]}, state_file)
-    again = vigor.train(cfg)  # resumes at step 2 of 2: nothing to redo, the same final model evaluated again
-    assert "resuming" in capsys.readouterr().out and again["after"] == first["after"]
+    again = vigor.train(cfg)  # resumes after step 2 and redoes step 3
+    assert "resuming" in capsys.readouterr().out and not os.path.exists(os.path.join(run, "checkpoint-3.tmp"))
+    whole = vigor.train(quick(out_dir, run_name="partial-whole", steps=3, save_every=1))
+    assert again["after"] == whole["after"]
+    want, got = (read_jsonl(os.path.join(out_dir, r, "metrics.jsonl")) for r in ("partial-whole", "partial"))
+    assert without_timing(got) == without_timing(want)
 
 
 def test_existing_run_folder_is_never_overwritten(out_dir, tmp_path):
@@ -715,12 +955,24 @@ def test_lora_run_with_checkpointing_resumes_exactly(monkeypatch, out_dir):
 
 
 @pytest.mark.parametrize("method", ["vmap", "per_layer"])
-def test_bf16_autocast_run_keeps_float32_master_weights(out_dir, method):
-    """The CUDA default path (bf16 compute, fp32 weights) exercised on the CPU."""
+def test_bf16_autocast_run_keeps_float32_master_weights(monkeypatch, out_dir, method):
+    """The CUDA default path (bf16 compute, fp32 weights) exercised on the CPU: the dtypes of the policy that
+    trains, at every step, and of the weights it saves."""
     cfg = quick(out_dir, run_name=f"bf16-{method}", dtype="bfloat16", grad_norm_method=method, steps=2)
+    seen, real_step = [], vigor.rl_step
+
+    def recording(cfg_, policy, ref, *a, **k):
+        seen.append(({p.dtype for p in policy.parameters()}, {p.dtype for p in ref.parameters()}))
+        return real_step(cfg_, policy, ref, *a, **k)
+    monkeypatch.setattr(vigor, "rl_step", recording)
     out = vigor.train(cfg)
-    policy, _, ref = vigor.load_policy(cfg, vigor.tiny_base_model(cfg), None, torch.device("cpu"), torch.bfloat16)
-    assert {p.dtype for p in policy.parameters()} == {torch.float32} and {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    assert len(seen) == 2
+    for policy_dtypes, ref_dtypes in seen:
+        assert policy_dtypes == {torch.float32} and ref_dtypes == {torch.bfloat16}
+    from safetensors.torch import load_file
+    final = load_file(os.path.join(out_dir, f"bf16-{method}", "final", "model.safetensors"))
+    start = load_file(os.path.join(vigor.tiny_base_model(cfg), "model.safetensors"))
+    assert {t.dtype for t in final.values()} == {torch.float32} and any(not torch.equal(final[k], start[k]) for k in final)
     steps = [m for m in read_jsonl(os.path.join(out_dir, f"bf16-{method}", "metrics.jsonl")) if "kl" in m]
     assert len(steps) == 2 and all(math.isfinite(m["vigor/grad_norm_raw"]) for m in steps)
     assert 0 <= out["after"]["eval/synthetic/accuracy"] <= 1
@@ -734,17 +986,52 @@ def test_bench_reward_table_agrees_with_the_authors_loop(capsys):
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in capsys.readouterr().out.splitlines() if "|" in r}
     for name in ("torch.func vmap, chunk_size 8", "per-layer, one backward (per_layer)"):
         assert float(rows[name][-1].strip(" |")) < 1e-5, rows[name]  # float32 on CPU: equal up to rounding
-    assert float(rows["floor: one batched forward+backward"][2]) == 1.0
+    methods = {name: row for name, row in rows.items() if name != "method" and not name.startswith("---")}
+    with pytest.raises(vigor.ConfigError, match=r"--shapes: unknown \['7b'\]; valid: tiny, 0.5b, 1.5b"):
+        vigor.bench(["--shapes", "tiny,7b"])
+    with pytest.raises(vigor.ConfigError, match=r"--parts: unknown \['rewards'\]; valid: reward, untied"):
+        vigor.bench(["--parts", "rewards"])
+    floor_ms = float(methods["floor: one batched forward+backward"][1])
+
+    assert floor_ms > 0 and len(methods) == 6
+    for name, row in methods.items():  # each "x floor" is that method's time over the floor's, as printed
+        assert float(row[2]) == pytest.approx(float(row[1]) / floor_ms, rel=0.01, abs=0.006), name
+
+
+
+CONFIG_FILES_SET = {  # what each small config file is for, checked against what it sets
+    "no_sqrt_t.yaml": {"sqrt_t": False, "rank": True, "reward": "vigor"},
+    "no_rank.yaml": {"rank": False, "sqrt_t": True, "reward": "vigor"},
+    "lm_head_only.yaml": {"reward_params": "lm_head", "reward": "vigor"},
+    "self_certainty.yaml": {"reward": "self_certainty"},
+    "gt.yaml": {"reward": "gt"},
+    "quick.yaml": {"steps": 10, "warmstart_steps": 200}}
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(HERE, "tiny_configs")) if f.endswith(".yaml")))
 def test_every_config_file_loads(name):
     cfg = vigor.load_config(["--config", os.path.join(HERE, "tiny_configs", name)])
+    for key, value in CONFIG_FILES_SET.get(name, {}).items():
+        assert getattr(cfg, key) == value, (name, key)
+
     if name.startswith("qwen"):
         assert cfg.lr == 2e-6 and cfg.beta == 0.01 and cfg.num_generations == 8 and "\\boxed{}" in cfg.system_prompt
         assert [d["path"] for d in cfg.eval_data] == ["HuggingFaceH4/MATH-500", "openai/gsm8k"]
     if name.startswith(("qwen", "smollm")):  # the answer format the system prompt asks for is the one graded
         assert vigor.answer_format(cfg.system_prompt, cfg.answer_format) == ("gsm8k" if "smollm" in name else "boxed")
+
+
+TORCH_API_SINCE = {  # what vigor.py uses -> the first torch release that has it
+    "torch.OutOfMemoryError": (2, 5), "fully_shard": (2, 6), "set_reshard_after_forward": (2, 7)}
+
+
+def test_requirements_and_readme_state_the_oldest_torch_with_every_api_used():
+    source = open(os.path.join(HERE, "vigor.py")).read()
+    need = max(since for api, since in TORCH_API_SINCE.items() if api in source)
+    floor = re.search(r"^torch>=(\d+)\.(\d+)", open(os.path.join(HERE, "requirements.txt")).read(), re.M)
+    assert floor and (int(floor[1]), int(floor[2])) == need, f"requirements.txt must say torch>={need[0]}.{need[1]}"
+    assert f"torch >= {need[0]}.{need[1]}" in open(os.path.join(HERE, "README.md")).read()
+    assert tuple(int(x) for x in torch.__version__.split(".")[:2]) >= need
 
 
 def test_chat_template_and_system_prompt_are_used():

@@ -1723,6 +1723,8 @@ BENCH_SHAPES = {  # Qwen2.5's hidden, intermediate, layers, heads, kv heads, voc
     "tiny": (64, 256, 2, 4, 2, 1000, (16, 64)),
     "0.5b": (896, 4864, 24, 14, 2, 151936, (128, 512)),
     "1.5b": (1536, 8960, 28, 12, 2, 151936, (256, 1024))}
+BENCH_PARTS = ("reward", "untied", "generation", "step")
+
 
 
 @dataclass
@@ -1862,10 +1864,15 @@ def bench(argv):
     """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied,generation,step] [--reps 3]
     [--static_cache]: offline, on random weights; medians after a warm-up, peak memory with the weights."""
     settings = parse_command_line(argv, "python vigor.py bench", BenchSettings)[0]
+    shapes, parts, reps = settings.shapes.split(","), settings.parts.split(","), settings.reps
+    for name, given, valid in (("shapes", shapes, BENCH_SHAPES), ("parts", parts, BENCH_PARTS)):
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ConfigError(f"--{name}: unknown {unknown}; valid: {', '.join(valid)}")
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps, parts = settings.reps, settings.parts.split(",")
-    for shape in settings.shapes.split(","):
+    for shape in shapes:
         for part, run in [("reward", lambda: bench_reward(shape, device, dtype, reps, True)),
                           ("untied", lambda: bench_reward(shape, device, dtype, reps, False)),
                           ("generation", lambda: bench_generation(shape, device, dtype)),
