@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -1173,6 +1174,126 @@ def test_torchrun_bad_input_stops_every_rank_with_one_message(out_dir, over, mes
 def test_fsdp_needs_torchrun(out_dir):
     with pytest.raises(vigor.ConfigError, match="torchrun --nproc_per_node N"):
         vigor.train(quick(out_dir, run_name="fsdp-alone", parallelism="fsdp", grad_norm_method="per_layer"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# every command the README shows, run here (size settings appended) or named with what runs it
+# ---------------------------------------------------------------------------------------------------
+SIZE = ("--warmstart_steps 30 --steps 2 --prompts_per_step 4 --num_generations 4 --max_completion_length 12 "
+        "--eval_samples 2 --eval_data '[{path: synthetic, split: test, limit: 16}]'")  # size settings only
+OFFLINE = "(needs network)"  # what a hub model or data set stops with on a machine with no hub
+README_RUNS = [  # (README command(s), the command run here, folder, what its output must hold); in order per folder
+    ("python vigor.py", f"python vigor.py {SIZE}", "main", "VIGOR run done"),
+    ("python vigor.py --help", "python vigor.py --help", "main", "--num_generations int"),
+    ("python vigor.py --config tiny_configs/no_sqrt_t.yaml", f"python vigor.py --config tiny_configs/no_sqrt_t.yaml {SIZE}",
+     "main", "VIGOR run done"),
+    ("python vigor.py compare runs/vigor runs/vigor_no_sqrt_t", "python vigor.py compare runs/vigor runs/vigor_no_sqrt_t",
+     "main", "| vigor_no_sqrt_t |"),
+    ("python vigor.py length-bias runs/vigor runs/vigor_no_sqrt_t",
+     "python vigor.py length-bias runs/vigor runs/vigor_no_sqrt_t", "main", "length bias within groups"),
+    ("python vigor.py --report_to tensorboard", f"python vigor.py --report_to tensorboard --run_name tb {SIZE}", "main",
+     "VIGOR run done"),
+    (("python vigor.py study", "python vigor.py study --seeds 7"), f"python vigor.py study --seeds 7 {SIZE}", "study",
+     "claims' numbers"),
+    ("python vigor.py length-bias runs/study-vigor-s7", "python vigor.py length-bias runs/study-vigor-s7", "study",
+     "slope of log ||g||"),
+    ("python vigor.py length-bias runs/study-vigor-s7 runs/study-vigor_no_sqrt_t-s7",
+     "python vigor.py length-bias runs/study-vigor-s7 runs/study-vigor_no_sqrt_t-s7", "study", "study-vigor_no_sqrt_t-s7"),
+    ("python vigor.py rank-table runs/study-vigor-s7 runs/study-self_certainty-s7",
+     "python vigor.py rank-table runs/study-vigor-s7 runs/study-self_certainty-s7", "study", "rank vs correctness"),
+    ("python vigor.py compare runs/study-*", "python vigor.py compare runs/study-*", "study", "| study-gt-s7 |"),
+    ("python vigor.py compare runs/study-vigor-s7 runs/study-gt-s7",
+     "python vigor.py compare runs/study-vigor-s7 runs/study-gt-s7", "study", "| study-vigor-s7 |"),
+    ("python vigor.py --config tiny_configs/no_sqrt_t.yaml --steps 100 --seed 8",
+     f"python vigor.py --config tiny_configs/no_sqrt_t.yaml --steps 100 --seed 8 {SIZE}", "examples", "VIGOR run done"),
+    ("python vigor.py --train_data '{path: my_prompts.jsonl, prompt_column: question}' --lr 2e-5",
+     f"python vigor.py --train_data '{{path: my_prompts.jsonl, prompt_column: question}}' --lr 2e-5 {SIZE}",
+     "examples", "3 training prompts"),
+    ("python vigor.py --config X", f"python vigor.py --config tiny_configs/quick.yaml --run_name x {SIZE}", "examples",
+     "VIGOR run done"),
+    ("python vigor.py bench", "python vigor.py bench --reps 1", "examples", "RL step, tiny"),
+    ("python vigor.py --config tiny_configs/smollm2-135m_gsm8k.yaml",
+     "python vigor.py --config tiny_configs/smollm2-135m_gsm8k.yaml", "hub", OFFLINE),
+    ("python vigor.py --config tiny_configs/qwen2.5-3b_math.yaml",
+     "python vigor.py --config tiny_configs/qwen2.5-3b_math.yaml", "hub", OFFLINE),
+    ("torchrun --nproc_per_node 8 vigor.py --config tiny_configs/qwen2.5-7b_math_8gpu.yaml",
+     "torchrun --nproc_per_node 2 vigor.py --config tiny_configs/qwen2.5-7b_math_8gpu.yaml", "hub", OFFLINE),
+    ("torchrun --nproc_per_node 8 vigor.py --config X",
+     f"torchrun --nproc_per_node 2 vigor.py --config tiny_configs/quick.yaml {SIZE}", "torchrun", "x 2 processes (ddp)"),
+]
+README_ELSEWHERE = {  # README commands that another test, CI or a GPU script runs
+    "torchrun --nproc_per_node 2 vigor.py": "test_torchrun_ddp_run_shares_prompts_and_evaluates_like_one_process",
+    "python vigor.py bench --shapes 0.5b,1.5b": ".ci/gpu_check",  # CUDA shapes; CPU dry run: `bash .ci/gpu_check OUT tiny`
+}
+
+
+def readme_commands():
+    """Every `python vigor.py ...` and `torchrun ... vigor.py ...` of README.md: code-block lines (comments
+    dropped) and inline code; descriptions with '...' in them are not commands."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    lines = [line for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines += [re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))]
+    found = set()
+    for line in lines:
+        command = re.search(r"\b((?:python|torchrun)\b.*\bvigor\.py\b.*)", line.split("  #")[0].strip())
+        if command and "..." not in command[1]:
+            found.add(command[1].strip())
+    return found
+
+
+def test_every_readme_command_is_run_by_a_test():
+    commands = readme_commands()
+    assert len(commands) >= 20 and "python vigor.py" in commands
+    runs = {c for readme, *_ in README_RUNS for c in ([readme] if isinstance(readme, str) else readme)}
+    assert not commands - runs - set(README_ELSEWHERE), "README commands that nothing runs"
+    assert not runs - commands, "README_RUNS names a command the README no longer shows"
+    for where in README_ELSEWHERE.values():
+        assert where in globals() or os.path.isfile(os.path.join(HERE, where)), where
+
+
+def test_readme_commands_run_as_written(tmp_path):
+    """Each README command in a folder like a user's (the repository's tiny_configs beside it), with only size
+    settings appended; commands that need the hub stop with a clear message here."""
+    python, script = shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "vigor.py"))
+    torchrun = f"{python} -m torch.distributed.run --standalone"
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # as in CI: a hub is never reached
+    for readme, command, folder, expect in README_RUNS:
+        cwd = tmp_path / folder
+        if not cwd.exists():
+            cwd.mkdir()
+            (cwd / "tiny_configs").symlink_to(os.path.join(HERE, "tiny_configs"))
+            (cwd / "my_prompts.jsonl").write_text("".join(json.dumps({"question": q}) + "\n"
+                                                          for q in ("1+2=", "7-3+1=", "9-9=")))
+        shell = re.sub(r"^python vigor\.py", f"{python} {script}", command)
+        shell = re.sub(r"^torchrun (.*?)vigor\.py", rf"{torchrun} \1{script}", shell)
+        proc = subprocess.run(shell, shell=True, cwd=cwd, capture_output=True, text=True, timeout=600, env=offline)
+        out = proc.stdout + proc.stderr
+        if expect == OFFLINE:
+            assert proc.returncode != 0 and out.count("error: ") == 1 and OFFLINE in out, (readme, out[-2000:])
+
+        else:
+            assert proc.returncode == 0 and expect in out, (readme, out[-3000:])
+    with subprocess.Popen(["tensorboard", "--logdir", "runs", "--port", "0", "--host", "127.0.0.1"], cwd=tmp_path / "main",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as server:
+        try:  # README: `tensorboard --logdir runs`, here on a free loopback port; it lists the run and its scalars
+            for line in server.stdout:
+                if "http://" in line:
+                    break
+            url = re.search(r"http://\S+?:\d+", line)[0]
+            import urllib.request
+            tags = json.loads(urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=30).read())
+            assert "tb/tensorboard" in tags and "kl" in tags["tb/tensorboard"], tags
+        finally:
+            server.kill()
+
+
+@pytest.mark.parametrize("selection", ["rank", "per_layer or float64", "float64"])
+def test_readme_exercise_test_selections_select_tests(selection):
+    assert f'-k "{selection}"' in open(os.path.join(HERE, "README.md")).read() or f"-k {selection}" in \
+        open(os.path.join(HERE, "README.md")).read()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", selection,
+                           os.path.join(HERE, "test_vigor.py")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and re.search(r"(\d+)/\d+ tests collected", proc.stdout), proc.stdout[-1000:]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
