@@ -138,6 +138,22 @@ def test_per_layer_norms_equal_torch_func_reference(tied):
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_per_layer_norms_give_the_padding_token_no_embedding_gradient(tied):
+    """Qwen2's embedding has padding_idx = pad_token_id, and nn.Embedding gives that row no gradient: a completion
+    that samples the pad token mid-text must not count it in the embedding's (or the tied head's) norm."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=tied, pad_token_id=3)).eval()
+    assert model.get_input_embeddings().padding_idx == 3
+    ids, mask = padded_batch()
+    ids[0, 4], ids[2, 6], ids[2, 8] = 3, 3, 3  # the pad id inside completions, twice in one row
+    want = loop_norms_float64(model, ids, mask)
+    assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+    assert torch.allclose(vigor.grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+
+
 def lora_model(tied):
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(tiny_model(tied), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))

@@ -555,7 +555,10 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         for p in flat:
             p.requires_grad_(True)
     if id(emb.weight) in trainable:
+        if emb.padding_idx is not None:  # nn.Embedding gives its padding_idx row no gradient, wherever it stands
+            e = e * (input_ids != emb.padding_idx)[..., None]
         same = (input_ids[:, :, None] == input_ids[:, None, :]).float()
+
         sq += (gram(e) * same).sum((1, 2))
         if tied and "h" in late:
             sq += 2 * (late["q_at_ids"] * (late["h"] @ e.float().transpose(1, 2))).sum((1, 2))
