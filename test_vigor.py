@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,7 @@ def test_per_layer_norms_give_the_padding_token_no_embedding_gradient(tied):
 
 
 def lora_model(tied):
+
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(tiny_model(tied), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
     with torch.no_grad():  # LoRA B starts at zero; random B makes every LoRA parameter's gradient non-trivial
@@ -1192,6 +1194,102 @@ def test_fsdp_needs_torchrun(out_dir):
         vigor.train(quick(out_dir, run_name="fsdp-alone", parallelism="fsdp", grad_norm_method="per_layer"))
 
 
+
+# ---------------------------------------------------------------------------------------------------
+# the reward inside TRL's GRPOTrainer (pip install trl; .ci/run installs it)
+# ---------------------------------------------------------------------------------------------------
+def trl_call(cfg, rollouts, tok):
+    """What TRL hands a reward function for these rollouts: text prompts, texts, completion ids with the EOS."""
+    prompts, completion_ids = [], []
+    for row, mask in zip(rollouts.input_ids, rollouts.loss_mask):
+        n = int(mask.nonzero().min())
+        prompts.append(tok.decode(row[:n]))
+        completion_ids.append(row[n:n + int(mask.sum())].tolist())
+    return prompts, rollouts.completions, completion_ids
+
+
+@pytest.mark.parametrize("over", [{}, {"sqrt_t": False}, {"rank": False}, {"reward_params": "lm_head"},
+                                  {"grad_norm_method": "vmap"}, {"reward": "self_certainty"}])
+def test_trl_adapter_rewards_equal_compute_rewards(out_dir, over):
+    cfg = quick(out_dir, num_generations=4, **over)
+    policy, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    prompts = [r["prompt"] for r in vigor.synthetic_split("train")[:3]]
+    torch.manual_seed(0)
+    rollouts = vigor.sample_groups(policy, tok, prompts, 4, 12, temperature=1.0)
+    want = vigor.compute_rewards(cfg, policy, rollouts)["reward"]
+    reward = vigor.TRLReward(policy, tok, 4, **over)
+    policy.train()
+    got = reward(*trl_call(cfg, rollouts, tok), trainer_state=None)
+    assert isinstance(got, list) and all(type(r) is float for r in got) and len(got) == 12
+    assert torch.allclose(torch.tensor(got), want, rtol=1e-5, atol=1e-6), (got, want)
+    assert policy.training and all(p.grad is None and p.requires_grad for p in policy.parameters())
+
+
+def test_trl_adapter_refuses_what_it_cannot_do_correctly(out_dir):
+    cfg = quick(out_dir)
+    policy, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    reward = vigor.TRLReward(policy, tok, 4)
+    with pytest.raises(vigor.ConfigError, match="got 6 completions, not a multiple of G = 4"):
+        reward(["1+2="] * 6, ["3"] * 6, [[5, 1]] * 6)
+    with pytest.raises(vigor.ConfigError, match="num_generations .G. must be >= 2"):
+        vigor.TRLReward(policy, tok, 1)
+    with pytest.raises(vigor.ConfigError, match="intrinsic rewards"):
+        vigor.TRLReward(policy, tok, 4, reward="gt")
+    next(policy.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 puts on each of the weights it shards
+    with pytest.raises(vigor.ConfigError, match="ZeRO-3"):
+        vigor.TRLReward(policy, tok, 4)
+
+
+@pytest.mark.parametrize("checkpointing, method", [(True, "per_layer"), (True, "vmap"), (False, "per_layer")])
+def test_stock_trl_grpo_trainer_trains_with_the_adapter(out_dir, tmp_path, checkpointing, method):
+    pytest.importorskip("trl")
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+    cfg = quick(out_dir)
+    policy, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    before = [p.detach().clone() for p in policy.parameters()]
+    calls, reward = [], vigor.TRLReward(policy, tok, 4, grad_norm_method=method)
+
+    def recording(prompts, completions, completion_ids, **columns):
+        calls.append((completion_ids, reward(prompts, completions, completion_ids, **columns)))
+        return calls[-1][1]
+    recording.__name__ = "vigor"
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=2,
+                      max_completion_length=12, learning_rate=1e-3, beta=0.01, loss_type="bnpo", temperature=0.9,
+                      top_k=50, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+                      gradient_checkpointing=checkpointing)
+    data = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in vigor.synthetic_split("train")[:8]])
+    trainer = GRPOTrainer(model=policy, reward_funcs=[recording], args=args, train_dataset=data, processing_class=tok)
+    assert trainer.model is policy  # the adapter scores with the very model the trainer updates
+    trainer.train()
+    assert len(calls) == 2 and any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    distinct_groups = 0
+    for completion_ids, rewards in calls:
+        assert len(rewards) == 8 and all(c[-1] == tok.eos_token_id or len(c) == 12 for c in completion_ids)
+        for g in range(0, 8, 4):  # a group's rewards: the rank values, identical completions sharing their mean
+            ids, r = completion_ids[g:g + 4], rewards[g:g + 4]
+            assert sum(r) == pytest.approx(0, abs=1e-6)
+            assert all(r[i] == r[j] for i in range(4) for j in range(4) if ids[i] == ids[j])
+            if len({tuple(c) for c in ids}) == 4:
+                distinct_groups += 1
+                assert sorted(r) == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+    assert distinct_groups > 0
+
+
+def test_readme_trl_example_runs_as_written(tmp_path):
+    """The README's "VIGOR in TRL" example, with only size settings changed (2 steps of 2 prompts, a short warm
+    start), in a fresh folder."""
+    pytest.importorskip("trl")
+    code = re.search(r"## VIGOR in TRL.*?```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
+    sizes = {"max_steps=150": "max_steps=2", "32 * G": "2 * G", "vigor.Config()": "vigor.Config(warmstart_steps=30)"}
+    for shown, small in sizes.items():
+        assert code.count(shown) == 1, shown
+        code = code.replace(shown, small)
+    (tmp_path / "example.py").write_text(code + "\nprint('trained', trainer.state.global_step)\n")
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": HERE})
+    assert proc.returncode == 0 and "trained 2" in proc.stdout, proc.stderr[-3000:]
+
 # ---------------------------------------------------------------------------------------------------
 # every command the README shows, run here (size settings appended) or named with what runs it
 # ---------------------------------------------------------------------------------------------------
@@ -1289,7 +1387,9 @@ def test_readme_commands_run_as_written(tmp_path):
 
         else:
             assert proc.returncode == 0 and expect in out, (readme, out[-3000:])
-    with subprocess.Popen(["tensorboard", "--logdir", "runs", "--port", "0", "--host", "127.0.0.1"], cwd=tmp_path / "main",
+    tensorboard = shutil.which("tensorboard", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    with subprocess.Popen([tensorboard, "--logdir", "runs", "--port", "0", "--host", "127.0.0.1"], cwd=tmp_path / "main",
+
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as server:
         try:  # README: `tensorboard --logdir runs`, here on a free loopback port; it lists the run and its scalars
             for line in server.stdout:

@@ -391,7 +391,8 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
     """The second half of a step: num_iterations optimiser steps on one batch of rollouts, each summing
     `normalised_loss` over micro-batches; returns the first iteration's metrics. `wrapped` is the module the
     forward and backward run through (DDP or FSDP, see `parallelize`), the policy itself on one process."""
-    t0, wrapped, dev, world = time.perf_counter(), wrapped or policy, policy.device, rank_and_world()[1]
+    t0, wrapped = time.perf_counter(), wrapped or policy
+    dev, world = policy.device, rank_and_world()[1]
     ids, adv = rollouts.input_ids.to(dev), advantages.to(dev)
     mask = rollouts.loss_mask[:, 1:].to(dev).float()
     if cfg.mask_truncated_completions:
@@ -555,7 +556,7 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         for p in flat:
             p.requires_grad_(True)
     if id(emb.weight) in trainable:
-        if emb.padding_idx is not None:  # nn.Embedding gives its padding_idx row no gradient, wherever it stands
+        if emb.padding_idx is not None:  # nn.Embedding never gives its padding_idx row a gradient
             e = e * (input_ids != emb.padding_idx)[..., None]
         same = (input_ids[:, :, None] == input_ids[:, None, :]).float()
 
@@ -1882,6 +1883,62 @@ def bench(argv):
                           ("step", lambda: bench_rl_step(shape, device, dtype, settings.static_cache))]:
             if part in parts and not (shape == "1.5b" and part in ("generation", "step")):
                 run()
+
+
+# --- Tools 3: the reward inside TRL's GRPOTrainer -----------------------------------------------------------
+class TRLReward:
+    """VIGOR (or self-certainty) as a reward function for TRL's `GRPOTrainer` (pip install trl):
+        policy = AutoModelForCausalLM.from_pretrained(...)
+        GRPOTrainer(model=policy, reward_funcs=[vigor.TRLReward(policy, tokenizer, G)], args=GRPOConfig(...))
+    TRL calls it with the text prompts, the completions and their token ids (each group's G completions
+    consecutive, each ending in its EOS) but not the model: the norms come from `model`, the very object the
+    trainer updates, under its current weights. Prompts are tokenized as TRL does; T counts the EOS."""
+    def __init__(self, model, tokenizer, num_generations, reward="vigor", sqrt_t=True, rank=True,
+                 reward_params="all", grad_norm_method="per_layer"):
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 shards every weight
+            raise ConfigError("TRLReward needs each process to hold the whole weights, and DeepSpeed ZeRO-3 "
+                              "shards them: use ZeRO-2, DDP or one process")
+        if reward == "gt":
+            raise ConfigError("TRLReward computes the intrinsic rewards (vigor, self_certainty); for gold "
+                              "answers give TRL a function that grades the completions")
+        settings = {"reward": reward, "sqrt_t": sqrt_t, "rank": rank, "reward_params": reward_params}
+        settings.update(num_generations=num_generations, grad_norm_method=grad_norm_method)
+        self.cfg = make_config(settings)
+        self.model, self.tok, self.__name__ = model, tokenizer, reward  # TRL logs rewards/<__name__>
+
+    def __call__(self, prompts, completions, completion_ids, **dataset_columns):
+        G = self.cfg.num_generations
+        if not completion_ids or len(completion_ids) % G:
+            raise ConfigError(f"TRLReward got {len(completion_ids)} completions, not a multiple of G = {G}: "
+                              "give it GRPOConfig's num_generations")
+        if isinstance(prompts[0], list):  # conversations: TRL renders the template with the generation prompt
+            prompt_ids = self.tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"]
+        else:
+            prompt_ids = self.tok(text=prompts)["input_ids"]
+        rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
+        lengths = torch.tensor([len(c) for c in completion_ids])
+        n = len(rows)
+        rollouts = Rollouts(pad_right(rows, self.tok.pad_token_id or 0), pad_right(masks, 0), lengths,
+                            torch.zeros(n, dtype=torch.bool), list(completions), list(range(n)))
+
+        # gradient checkpointing hooks the input embedding with requires_grad_(), which torch.func forbids
+        # (transformers may register it several times): vmap runs without those hooks, put back afterwards
+
+        hooks = self.model.get_input_embeddings()._forward_hooks
+        lifted = {k: h for k, h in hooks.items() if getattr(h, "__name__", "") == "make_inputs_require_grads"}
+        lifted = lifted if self.cfg.grad_norm_method == "vmap" else {}
+        was_training = self.model.training
+        try:  # eval mode: no dropout, no gradient checkpointing (torch.func refuses both)
+            self.model.eval()
+            for k in lifted:
+                del hooks[k]
+            with torch.enable_grad():  # TRL scores under no_grad; per_layer takes one backward
+                return compute_rewards(self.cfg, self.model, rollouts)["reward"].tolist()
+        finally:
+            hooks.update(lifted)
+            self.model.train(was_training)
 
 
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],

@@ -18,7 +18,9 @@ import vigor  # noqa: E402
 
 def trl_run(cfg, reward, seed, out):
     """TRL 1.16 GRPOTrainer with vigor.py's defaults spelled out (TRL's own defaults differ: loss_type dapo,
-    beta 0, top_k 0, gradient checkpointing on)."""
+    beta 0, top_k 0, gradient checkpointing on, and bf16, which applies on a CPU too: vigor.py computes in
+    float32 there)."""
+
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -38,7 +40,7 @@ def trl_run(cfg, reward, seed, out):
         num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm, scale_rewards="group",
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, mask_truncated_completions=False, gradient_checkpointing=False,
-        use_cpu=True, report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True)
+        bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True)
     data = datasets.Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
     GRPOTrainer(model=policy, reward_funcs=[rewards[reward]], args=args, train_dataset=data,
                 processing_class=tok).train()
