@@ -1119,7 +1119,6 @@ def parse_command_line(argv, prog, *kinds):
     parser = SettingsParser(prog=prog, usage=f"{prog} [--config FILE] [--setting value ...]",
                             epilog=COMMANDS_HELP, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file of settings")
     for f in (f for kind in kinds for f in dataclasses.fields(kind)):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -1429,9 +1428,11 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     rank = rank_and_world()[0]
     name, sharded = f"checkpoint-{step}", bool(fsdp_modules(policy))
     rngs = all_gather(rng_state(policy.device))
-    with atomic(os.path.join(run_dir, name)) if rank == 0 else contextlib.nullcontext() as tmp:
-        tmp = tmp or os.path.join(run_dir, name + ".tmp")
+    folder = os.path.join(run_dir, name)
+    # rank 0 makes the folder appear at once (atomic); under FSDP the other ranks add their shards to its .tmp
+    with atomic(folder) if rank == 0 else contextlib.nullcontext(folder + ".tmp") as tmp:
         if rank == 0:
+
             tok.save_pretrained(tmp)
             if not sharded:
                 policy.save_pretrained(tmp)
