@@ -411,11 +411,9 @@ def test_truncated_completions_can_be_left_out_of_the_loss(monkeypatch, out_dir)
 
 def one_group(seed=11, lengths=(2, 4, 7, 12)):
     """Rollouts of one prompt (ids 5 6 7) and G = 4 random completions of the given lengths, no stop token."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = [[5, 6, 7] + torch.randint(3, 37, (n,), generator=g).tolist() for n in lengths]
-    masks = [[0, 0, 0] + [1] * n for n in lengths]
-    return vigor.Rollouts(vigor.pad_right(seqs, 0), vigor.pad_right(masks, 0), torch.tensor(lengths),
-                          torch.zeros(len(lengths), dtype=torch.bool), ["c"] * len(lengths), [0] * len(lengths))
+    g, G = torch.Generator().manual_seed(seed), len(lengths)
+    completions = [torch.randint(3, 37, (n,), generator=g).tolist() for n in lengths]
+    return vigor.Rollouts.from_ids([[5, 6, 7]] * G, completions, [False] * G, ["c"] * G, [0] * G, 0)
 
 
 def sgd_step(cfg, model, ref, rollouts, monkeypatch, lr=0.05):
@@ -1072,16 +1070,15 @@ def torchrun(args, nproc=2):
 def fixed_rollouts(prompts, G=4):
     """Rollouts that depend on the prompt alone: prompt "k" gets G completions of 2 + 4k + j tokens, so the ranks
     hold very different token counts (a per-rank loss normalisation would show)."""
-    seqs, masks, lengths = [], [], []
+    prompt_ids, completions = [], []
     for k in map(int, prompts):
         for j in range(G):
             T, g = 2 + 4 * k + j, torch.Generator().manual_seed(100 * k + j)
-            seqs.append([5, 6, 7 + k] + torch.randint(3, 37, (T,), generator=g).tolist())
-            masks.append([0, 0, 0] + [1] * T)
-            lengths.append(T)
-    n = len(seqs)
-    return vigor.Rollouts(vigor.pad_right(seqs, 0), vigor.pad_right(masks, 0), torch.tensor(lengths),
-                          torch.zeros(n, dtype=torch.bool), ["c"] * n, [i // G for i in range(n)])
+            prompt_ids.append([5, 6, 7 + k])
+            completions.append(torch.randint(3, 37, (T,), generator=g).tolist())
+    n = len(completions)
+    return vigor.Rollouts.from_ids(prompt_ids, completions, [False] * n, ["c"] * n, [i // G for i in range(n)], 0)
+
 
 
 def one_step_worker(parallelism, out):

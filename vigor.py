@@ -309,6 +309,15 @@ class Rollouts:
     completions: list         # [N] decoded text, EOS dropped
     prompt_index: list        # [N] which prompt of the batch
 
+    @classmethod
+    def from_ids(cls, prompt_ids, completion_ids, truncated, completions, prompt_index, pad_id):
+        """Rows of prompt + completion ids (a completion keeps its stop token), masked on the completion."""
+        rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
+        lengths = torch.tensor([len(c) for c in completion_ids])
+        return cls(pad_right(rows, pad_id), pad_right(masks, 0), lengths,
+                   torch.tensor(truncated, dtype=torch.bool), completions, prompt_index)
+
 
 @torch.no_grad()
 def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_prompts=0, greedy=False,
@@ -323,7 +332,7 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
                            **({"cache_implementation": "static"} if static_cache else {}),
                            **({} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)))
     tok.padding_side = "left"
-    seqs, masks, lengths, truncated, texts, index = [], [], [], [], [], []
+    prompt_ids, completion_ids, truncated, texts, index = [], [], [], [], []
     step = batch_prompts or len(prompts)
     for start in range(0, len(prompts), step):
         enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -336,14 +345,12 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
             prompt = [t for t, m in zip(enc["input_ids"][p].tolist(), enc["attention_mask"][p].tolist()) if m]
             ends = [i for i, t in enumerate(new) if t in stops]
             completion = new[:ends[0] + 1] if ends else new
-            seqs.append(prompt + completion)
-            masks.append([0] * len(prompt) + [1] * len(completion))
-            lengths.append(len(completion))
+            prompt_ids.append(prompt)
+            completion_ids.append(completion)
             truncated.append(not ends)
             texts.append(tok.decode(completion[:-1] if ends else completion, skip_special_tokens=True))
             index.append(start + p)
-    return Rollouts(pad_right(seqs, tok.pad_token_id), pad_right(masks, 0), torch.tensor(lengths),
-                    torch.tensor(truncated), texts, index)
+    return Rollouts.from_ids(prompt_ids, completion_ids, truncated, texts, index, tok.pad_token_id)
 
 
 def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
@@ -1731,7 +1738,6 @@ BENCH_SHAPES = {  # Qwen2.5's hidden, intermediate, layers, heads, kv heads, voc
 BENCH_PARTS = ("reward", "untied", "generation", "step")
 
 
-
 @dataclass
 class BenchSettings:
     shapes: str = arg("tiny", "comma-separated shapes: tiny (a CPU), 0.5b, 1.5b (Qwen2.5's, CUDA)")
@@ -1864,7 +1870,6 @@ def bench_rl_step(shape, device, dtype, static_cache, steps=3):
                  "gen tokens/s"], rows)
 
 
-
 def bench(argv):
     """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied,generation,step] [--reps 3]
     [--static_cache]: offline, on random weights; medians after a warm-up, peak memory with the weights."""
@@ -1917,19 +1922,16 @@ class TRLReward:
                                                       return_dict=True)["input_ids"]
         else:
             prompt_ids = self.tok(text=prompts)["input_ids"]
-        rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-        masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
-        lengths = torch.tensor([len(c) for c in completion_ids])
-        n = len(rows)
-        rollouts = Rollouts(pad_right(rows, self.tok.pad_token_id or 0), pad_right(masks, 0), lengths,
-                            torch.zeros(n, dtype=torch.bool), list(completions), list(range(n)))
-
+        n = len(completion_ids)
+        rollouts = Rollouts.from_ids(prompt_ids, completion_ids, [False] * n, list(completions),
+                                     list(range(n)), self.tok.pad_token_id or 0)
         # gradient checkpointing hooks the input embedding with requires_grad_(), which torch.func forbids
         # (transformers may register it several times): vmap runs without those hooks, put back afterwards
-
         hooks = self.model.get_input_embeddings()._forward_hooks
-        lifted = {k: h for k, h in hooks.items() if getattr(h, "__name__", "") == "make_inputs_require_grads"}
-        lifted = lifted if self.cfg.grad_norm_method == "vmap" else {}
+        vmap = self.cfg.grad_norm_method == "vmap"
+        lifted = {k: h for k, h in hooks.items()
+                  if vmap and getattr(h, "__name__", "") == "make_inputs_require_grads"}
+
         was_training = self.model.training
         try:  # eval mode: no dropout, no gradient checkpointing (torch.func refuses both)
             self.model.eval()
