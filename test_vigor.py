@@ -3,6 +3,7 @@ loop, the training loop end to end, resume after SIGKILL, and every bad input. R
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -757,7 +758,7 @@ def test_main_job_end_to_end_writes_the_run_folder(out_dir):
                 "kl", "entropy", "clip_ratio/region_mean", "grad_norm", "learning_rate", "step_time",
                 "time/generate", "time/reward", "time/update", "time/reference", "vigor/grad_norm_raw"):
         assert all(math.isfinite(m[key]) for m in steps), key
-    assert "eval/synthetic/accuracy" in metrics[0] and metrics[-1].get("final")
+    assert "eval/test/accuracy" in metrics[0] and metrics[-1].get("final")
     comp = read_jsonl(os.path.join(run, "completions.jsonl"))
     assert len(comp) == 6 * 4 * 4 and {"grad_norm", "score", "reward", "advantage", "correct"} <= set(comp[0])
     assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
@@ -885,7 +886,7 @@ def test_rewards_to_compare_and_eval_samples(out_dir):
     for reward, over in [("self_certainty", {}), ("gt", {}), ("vigor", {"reward_params": "lm_head", "rank": False})]:
         out = vigor.train(quick(out_dir, run_name=f"r-{reward}", reward=reward, steps=2, eval_samples=2, **over))
         after = out["after"]
-        assert 0 <= after["eval/synthetic/mean@2"] <= after["eval/synthetic/pass@2"] <= 1
+        assert 0 <= after["eval/test/mean@2"] <= after["eval/test/pass@2"] <= 1
         rows = read_jsonl(os.path.join(out_dir, f"r-{reward}", "completions.jsonl"))
         if reward == "gt":
             assert all(r["score"] == float(r["correct"]) for r in rows)
@@ -902,7 +903,7 @@ def test_tensorboard_events_hold_the_metrics(out_dir, monkeypatch):
     events = EventAccumulator(os.path.join(run, "tensorboard"))
     events.Reload()
     metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
-    for key in ("kl", "reward_std", "completions/mean_length", "eval/synthetic/accuracy"):
+    for key in ("kl", "reward_std", "completions/mean_length", "eval/test/accuracy"):
         want = [(m["step"], m[key]) for m in metrics if key in m]
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 2, key
@@ -925,26 +926,113 @@ def test_length_bias_is_measured_within_groups(tmp_path):
 
 
 def test_analyses_and_study(out_dir, capsys):
-    vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "2", "--warmstart_steps", "30",
+    sets = [{"path": "synthetic", "split": "test", "limit": 16}, {"path": "synthetic", "split": "validation", "limit": 8}]
+    vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3", "--warmstart_steps", "30",
                 "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12",
-                "--eval_data", json.dumps(QUICK["eval_data"])])
+                "--eval_samples", "2", "--eval_every", "1", "--eval_data", json.dumps(sets)])
     printed = capsys.readouterr().out
     table = open(os.path.join(out_dir, "study.md")).read()
-    for name in ("base (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt"):
-        assert f"| {name} |" in table
-    assert table.count("| vigor |") == 2 and "gain over base" in table and "rank 1 early" in table
-    assert "miniature study" in printed and os.path.isfile(os.path.join(out_dir, "study-gt-s7", "metrics.jsonl"))
-    assert any("eval/synthetic/accuracy" in m and not m.get("final") and m["step"] > 0  # eval_every for the curves
-               for m in read_jsonl(os.path.join(out_dir, "study-gt-s7", "metrics.jsonl")))
-    run = os.path.join(out_dir, "study-vigor-s7")
+    for regime in ("base", "sft"):
+        for name in ("base (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt", "random"):
+            assert f"| {name} |" in table.split(f"{regime}: test accuracy")[-1].split("claims")[0], (regime, name)
+        run = os.path.join(out_dir, f"study-{regime}-gt-s7")
+        assert json.load(open(os.path.join(run, "config.json")))["task"] == regime
+        log = read_jsonl(os.path.join(run, "metrics.jsonl"))
+        assert [m["step"] for m in log if "eval/validation/accuracy" in m] == [0, 1, 2, 3]  # every eval_every
+    for text in ("the base model before RL", "maj@2", "rank 1, step 1", "test greedy at the validation peak",
+                 "gt gains >= 10 points", "random gains less than gt", "vigor gains more than self_certainty"):
+        assert text in table and text in printed, text
+    run = os.path.join(out_dir, "study-base-vigor-s7")
     slope, bias = vigor.length_bias(run)
-    assert len(bias) == 4 and 0 < sum(r[1] for r in bias) <= 2 * 4 * 4 and math.isfinite(slope)
+    assert len(bias) == 4 and 0 < sum(r[1] for r in bias) <= 3 * 4 * 4 and math.isfinite(slope)
     ranks = vigor.rank_correctness(run)
-    assert set(ranks) == {"early", "late"} and len(ranks["early"]) == 4
-    rows = vigor.compare_runs([run, os.path.join(out_dir, "study-gt-s7")])
-    assert [r[0] for r in rows] == ["study-vigor-s7", "study-gt-s7"] and all(0 <= r[2] <= 1 for r in rows)
-    with pytest.raises(vigor.DataError, match="no gradient norms"):
-        vigor.length_bias(os.path.join(out_dir, "study-gt-s7"))
+    assert set(ranks) == {"step 1", "early", "late"} and len(ranks["early"]) == 4
+    with pytest.raises(vigor.DataError, match="logged no grad_norm"):
+        vigor.length_bias(os.path.join(out_dir, "study-base-gt-s7"))
+    with pytest.raises(vigor.ConfigError, match="rows come from"):
+        vigor.study(["--rows", "vigor,oracle"])
+
+
+def test_accuracy_by_rank_uses_trainings_ranks_and_ties():
+    """Each group puts one completion at each rank; ties go by position, the earlier one ranking lower."""
+    rows = [{"score": s, "correct": c} for s, c in [(0.1, 1), (0.9, 0), (0.5, 1), (0.5, 0),  # group 1
+                                                     (2.0, 1), (1.0, 1), (3.0, 0), (0.0, 0)]]  # group 2
+    # group 1 best to worst: 0.9 (0), 0.5 second (0), 0.5 first (1), 0.1 (1); group 2: 3.0 (0), 2.0 (1), 1.0 (1), 0.0 (0)
+    assert vigor.accuracy_by_rank(rows, 4) == [0.0, 0.5, 1.0, 0.5]
+
+
+def test_peak_is_chosen_on_validation_and_reported_on_test():
+    """The validation peak (step 30) is reported with its test value, though test peaks elsewhere (step 15);
+    step 0 (the base model) is never a candidate, and ties go to the earliest step."""
+    log = [{"step": 0, "eval/validation/accuracy": 0.9, "eval/test/accuracy": 0.9},
+           {"step": 15, "eval/validation/accuracy": 0.2, "eval/test/accuracy": 0.8},
+           {"step": 16, "kl": 0.1},
+           {"step": 30, "eval/validation/accuracy": 0.5, "eval/test/accuracy": 0.3},
+           {"step": 45, "eval/validation/accuracy": 0.5, "eval/test/accuracy": 0.6},
+           {"step": 50, "final": True, "eval/validation/accuracy": 0.4, "eval/test/accuracy": 0.7}]
+    assert vigor.peak(log, "eval/validation/accuracy", "eval/test/accuracy") == (0.3, 30)
+
+
+def test_base_documents_end_in_eos_only_at_their_end():
+    tok, rows = vigor.char_tokenizer(), vigor.synthetic_split("warmstart")
+    gold = {r["prompt"]: r for r in rows}
+    rng, lines_per_doc, wrong, total = random.Random(0), [], 0, 0
+    cfg = vigor.Config(wrong_share=0.4, prompt_weight=0.25)
+    for length in [64] * 20 + [4000]:  # long rows: documents are rarely cut, their lengths can be counted
+        ids, weights = vigor.warmstart_sequence(cfg, rows, rng, tok, length)
+        assert len(ids) == len(weights) == length  # packed rows, no padding
+        docs = tok.decode(ids).split("<eos>")
+        for doc in docs[:-1]:  # the last one is cut at the row's end
+            lines = doc.split("\n")
+            lines_per_doc.append(len(lines))
+            for line in lines:
+                prompt, solution = line.split("=")[0] + "=", line.split("=")[1]
+                assert re.fullmatch(r"-?\d+(,-?\d+)*", solution) and prompt in gold, line
+                right = gold[prompt]["answer"]
+                wrong += solution.split(",")[-1] != right
+                assert abs(int(solution.split(",")[-1]) - int(right)) <= 1
+                total += 1
+        in_prompt = True  # rows start with a document; the problems' text (up to '=') weighs 0.25, the rest 1
+        for t, w in zip(ids, weights):
+            assert w == (0.25 if in_prompt else 1.0)
+            char = tok.convert_ids_to_tokens(t)
+            in_prompt = char in ("\n", "<eos>") or (in_prompt and char != "=")
+    assert 2.5 < sum(lines_per_doc) / len(lines_per_doc) < 3.5 and max(lines_per_doc) > 5  # geometric, mean 3
+    assert 0.3 < wrong / total < 0.5
+    ids, weights = vigor.warmstart_sequence(vigor.Config(task="sft"), rows, rng, tok, 64)  # one example, EOS last
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id and "\n" not in tok.decode(ids)
+    assert weights[:tok.decode(ids).index("=") + 1] == [0.0] * (tok.decode(ids).index("=") + 1) and weights[-1] == 1.0
+
+
+def test_warm_start_is_deterministic_cached_and_keyed_by_the_corpus(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    folder = vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3))
+    other = vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "b"), warmstart_steps=3))
+    a, b = (load_file(os.path.join(f, "model.safetensors")) for f in (folder, other))
+    assert os.path.basename(folder) == os.path.basename(other) and all(torch.equal(a[k], b[k]) for k in a)
+
+    def no_training(*args):
+        raise RuntimeError("trained again")
+    monkeypatch.setattr(vigor, "warmstart_sequence", no_training)
+    assert vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3)) == folder  # cached
+    for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"task": "sft"},
+                 {"warmstart_steps": 4}):
+        with pytest.raises(RuntimeError, match="trained again"):  # another key: no cache to find
+            vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), **{"warmstart_steps": 3, **over}))
+
+
+def test_random_control_rewards_are_seeded_and_reproducible(out_dir):
+    cfg = quick(out_dir, reward="random")
+    rollouts, model, draws = one_group(), tiny_model(True), []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        draws.append(vigor.compute_rewards(cfg, model, rollouts)["score"])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert ((0 <= draws[0]) & (draws[0] < 1)).all() and draws[0].std() > 0
+    for name in ("rand_a", "rand_b"):
+        vigor.train(quick(out_dir, run_name=name, reward="random", steps=2))
+    a, b = (read_jsonl(os.path.join(out_dir, n, "completions.jsonl")) for n in ("rand_a", "rand_b"))
+    assert [r["reward"] for r in a] == [r["reward"] for r in b] and len({r["score"] for r in a}) == len(a)
 
 
 def test_lora_run_with_checkpointing_resumes_exactly(monkeypatch, out_dir):
@@ -992,7 +1080,7 @@ def test_bf16_autocast_run_keeps_float32_master_weights(monkeypatch, out_dir, me
     assert {t.dtype for t in final.values()} == {torch.float32} and any(not torch.equal(final[k], start[k]) for k in final)
     steps = [m for m in read_jsonl(os.path.join(out_dir, f"bf16-{method}", "metrics.jsonl")) if "kl" in m]
     assert len(steps) == 2 and all(math.isfinite(m["vigor/grad_norm_raw"]) for m in steps)
-    assert 0 <= out["after"]["eval/synthetic/accuracy"] <= 1
+    assert 0 <= out["after"]["eval/test/accuracy"] <= 1
     model, ids, mask = tiny_model(True), *padded_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # both methods agree under autocast too
         assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask), vigor.grad_norms(model, ids, mask), rtol=3e-2)

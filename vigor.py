@@ -28,8 +28,10 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
   only, so a base Qwen2.5 writes past <|im_end|>); it counts in T like the EOS.
 - Completions cut at the length limit are scored like any other, as the authors do (T = the limit);
   `mask_truncated_completions` leaves them out of the loss instead (TRL's option).
-- The default run is a tiny Qwen2-architecture model on a synthetic arithmetic task so it finishes on
-  a laptop CPU in minutes; the same code trains Qwen2.5 on MATH by changing the config.
+- The default run is a tiny Qwen2-architecture model on a synthetic arithmetic task, so that it finishes on
+  a laptop CPU in about a minute. Like the paper's Qwen2.5-Base it is a *base* model: its warm start is
+  plain language modelling of a corpus, not fine-tuning (`task: sft` gives the fine-tuned regime instead).
+  The same code trains Qwen2.5 on MATH by changing the config.
 
 Run `python vigor.py --help` for every setting; README.md explains every printed number.
 """
@@ -77,6 +79,7 @@ BOUNDS = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v
 SYNTHETIC_TRAIN = {"path": "synthetic", "split": "train", "prompt_column": "prompt",
                    "answer_column": "answer"}
 SYNTHETIC_TEST = {**SYNTHETIC_TRAIN, "split": "test", "limit": 500}
+SYNTHETIC_VALIDATION = {**SYNTHETIC_TRAIN, "split": "validation"}
 
 
 @dataclass
@@ -93,7 +96,18 @@ class Config:
     # model
     model: str = arg("tiny", "'tiny' (built and warm-started here), a local folder or a hub name")
     tiny_model_config: str = arg("tiny_configs/tiny_qwen2.json", "Qwen2 architecture of the tiny model")
-    warmstart_steps: int = arg(2000, "supervised steps teaching the tiny model the task (gold)", ">= 0")
+    task: str = arg("base", "the tiny model's warm start. base: plain language modelling of a corpus of "
+                    "solved problems, loss on every token, EOS only at a document's end (a base model: the "
+                    "paper's regime); sft: prompt -> solution pairs, loss on the solution, EOS after every "
+                    "answer (an instruction-tuned model)", ("base", "sft"))
+    doc_problems: float = arg(3.0, "base: mean number of problems in a corpus document (geometric)", ">= 1")
+    wrong_share: float = arg(0.0, "base: share of corpus solutions whose last number is off by one",
+                             "in [0, 1)")
+    prompt_weight: float = arg(1.0, "base: LM-loss weight of the problems' text (1: plain LM)", ">= 0")
+    text_share: float = arg(0.0, "base: share of a document's lines after its first that are random printable "
+                            "characters instead of a problem (how unpredictable text after an answer is)",
+                            "in [0, 1)")
+    warmstart_steps: int = arg(2000, "steps of the tiny model's warm start (64 sequences each)", ">= 0")
     warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start", "> 0")
     attn_implementation: str = arg("eager", "both work under torch.func with no attention mask; sdpa has no "
                                    "vmap batching rule on CPU (slower there)", ("sdpa", "eager"))
@@ -118,7 +132,7 @@ class Config:
     max_prompt_length: int = arg(512, "longer prompts are skipped and counted (authors: 512)", ">= 1")
     # rollouts
     num_generations: int = arg(8, "G: completions per prompt (authors: 8); at least 2")
-    prompts_per_step: int = arg(32, "prompts per RL step; a step trains on prompts_per_step * G completions",
+    prompts_per_step: int = arg(16, "prompts per RL step; a step trains on prompts_per_step * G completions",
                                 ">= 1")
     max_completion_length: int = arg(24, "new tokens at most (authors: 1024 for 3B)", ">= 1")
     temperature: float = arg(0.9, "sampling temperature (authors: 0.9)", "> 0")
@@ -127,8 +141,10 @@ class Config:
     static_cache: bool = arg(False, "CUDA: static KV cache + torch.compile for generation (slow first call)")
     generation_batch_size: int = arg(0, "prompts per generate call, 0 = all of the step's at once", ">= 0")
     # reward
-    reward: str = arg("vigor", "vigor (gradient norm), self_certainty (INTUITOR) or gt (gold-answer "
-                      "correctness, needs answers)", ("vigor", "self_certainty", "gt"))
+    reward: str = arg("vigor", "vigor (gradient norm), self_certainty (INTUITOR), gt (gold-answer "
+                      "correctness, needs answers) or random (uniform noise per completion: the "
+                      "spurious-reward control)",
+                      ("vigor", "self_certainty", "gt", "random"))
     sqrt_t: bool = arg(True, "vigor: multiply ||g|| by sqrt(T) (paper's length correction; false = ablation)")
     rank: bool = arg(True, "vigor: rank-shape scores to [-1, 1] inside each group (false = ablation)")
     reward_params: str = arg("all", "vigor: gradient over all trainable parameters, or lm_head (the paper's "
@@ -138,7 +154,7 @@ class Config:
                                 ("vmap", "per_layer"))
     grad_chunk_size: int = arg(0, "completions per chunk of the reward pass, 0 = from free memory", ">= 0")
     # GRPO
-    steps: int = arg(150, "RL steps (one batch of prompts each)", ">= 0")
+    steps: int = arg(100, "RL steps (one batch of prompts each)", ">= 0")
     lr: float = arg(2e-4, "policy learning rate (authors: 2e-6 for Qwen2.5-3B; the tiny default was chosen "
                     "with reward gt on the validation split)", "> 0")
     beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)", ">= 0")
@@ -369,6 +385,8 @@ def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
         with torch.no_grad():
             chunk = cfg.grad_chunk_size or auto_chunk_size(policy, ids, "lm_head")
             rewards = out["score"] = chunked_scores(self_certainty, policy, ids, mask, chunk).cpu()
+    elif cfg.reward == "random":  # drawn from the run's seeded generator: reproducible, restored on resume
+        rewards = out["score"] = torch.rand(len(ids))
     else:
         rewards = out["score"] = correct
     completion_ids = [row[m.bool()].tolist() for row, m in zip(rollouts.input_ids, rollouts.loss_mask)]
@@ -704,8 +722,6 @@ def train(cfg: Config) -> dict:
             try:
                 metrics, columns = rl_step(cfg, policy, ref, tok, optimizer, scheduler,
                                            [prompts[i] for i in idx], batch_answers, wrapped)
-
-
                 state["bad_in_a_row"] = 0
             except BadStepError as e:
                 state["bad_in_a_row"] += 1
@@ -738,7 +754,8 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         if writer is not None:
             writer.close()
-        print_summary(summary, metrics_path, cfg.reward)
+        print_summary(summary, metrics_path, cfg)
+
     return summary
 
 
@@ -751,35 +768,55 @@ def completion_rows(step, columns):
 
 @torch.no_grad()
 def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
-    """Greedy accuracy and mean completion length on each held-out set: {"eval/<set>/accuracy": ...}; with
-    samples = k, also mean@k (accuracy of k sampled completions) and pass@k (a prompt with one correct of k).
-    Under torchrun rank r takes batches r, r + N, ... of eval_batch_size prompts (the very batches of one
-    process, so greedy results equal its own) and the counts are summed over ranks."""
-    batch, out = cfg.eval_batch_size, {}
+    """On each held-out set, {"eval/<set>/<metric>": value} of greedy completions: accuracy, first_line
+    (accuracy of the text before the first newline: the synthetic task's first solution, where a base model
+    writes on), stopped (share that ended with a stop token) and mean_length; with samples = k, also of k
+    sampled completions per prompt: mean@k (their accuracy), pass@k (one of k correct: what RL could reach)
+    and maj@k (the most frequent answer is correct: self-consistency). Under torchrun rank r takes batches
+    r, r + N, ... of eval_batch_size prompts (the very batches of one process, so greedy results equal its
+    own) and the counts are summed over ranks."""
+    batch, out, k = cfg.eval_batch_size, {}, samples
     model.eval()
     for spec, questions, gold in eval_sets:
         mine = my_batches(len(questions), batch)
         prompts = [format_prompt(tok, questions[i], cfg.system_prompt) for i in mine]
         answers = [gold[i] for i in mine]
-        counts = dict.fromkeys(("correct", "tokens", "prompts", "sampled_correct", "passed"), 0.0)
+        counts = dict.fromkeys(("accuracy", "first_line", "stopped", "mean_length", f"mean@{k}", f"pass@{k}",
+                                f"maj@{k}"), 0.0)
         with gathered(model):
             if mine:
                 greedy = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, batch, greedy=True)
-                counts["correct"] = grade(greedy, prompts, answers, cfg.answer_format).sum()
-                counts["tokens"], counts["prompts"] = greedy.lengths.sum(), len(mine)
-                if samples:
-                    sampled = sample_groups(model, tok, prompts, samples, cfg.max_completion_length, batch,
-                                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-                    correct = grade(sampled, prompts, answers, cfg.answer_format).view(len(prompts), samples)
-                    counts["sampled_correct"], counts["passed"] = correct.sum(), correct.amax(1).sum()
-        total = sum_over_ranks({k: torch.tensor(float(v), device=model.device) for k, v in counts.items()})
-        name, n = f"eval/{os.path.basename(spec['path'])}", total["prompts"]
-        out[f"{name}/accuracy"] = (total["correct"] / n).item()
-        out[f"{name}/mean_length"] = (total["tokens"] / n).item()
-        if samples:
-            out[f"{name}/mean@{samples}"] = (total["sampled_correct"] / (n * samples)).item()
-            out[f"{name}/pass@{samples}"] = (total["passed"] / n).item()
+                counts["accuracy"] = grade(greedy, prompts, answers, cfg.answer_format).sum()
+                greedy.completions = [c.split("\n")[0] for c in greedy.completions]
+                counts["first_line"] = grade(greedy, prompts, answers, cfg.answer_format).sum()
+                counts["stopped"], counts["mean_length"] = (~greedy.truncated).sum(), greedy.lengths.sum()
+            if mine and k:
+                sampled = sample_groups(model, tok, prompts, k, cfg.max_completion_length, batch,
+                                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                correct = grade(sampled, prompts, answers, cfg.answer_format).view(len(prompts), k)
+                counts[f"mean@{k}"], counts[f"pass@{k}"] = correct.mean(1).sum(), correct.amax(1).sum()
+                counts[f"maj@{k}"] = sum(majority_correct(sampled.completions[i * k:(i + 1) * k], correct[i],
+                                                          answer_format(prompts[i], cfg.answer_format))
+                                         for i in range(len(prompts)))
+        total = sum_over_ranks({c: torch.tensor(float(v), device=model.device) for c, v in counts.items()})
+        n = sum_over_ranks({"n": torch.tensor(float(len(mine)), device=model.device)})["n"]
+        out.update({f"eval/{eval_set_name(spec)}/{key}": (v / n).item() for key, v in total.items()
+                    if k or "@" not in key})
     return out
+
+
+def eval_set_name(spec):
+    """A held-out set's name in the metrics: the synthetic task's split, else the file or dataset name."""
+    return spec.get("split", "test") if spec["path"] == "synthetic" else os.path.basename(spec["path"])
+
+
+def majority_correct(completions, correct, fmt):
+    """Is the most frequent answer among one prompt's k sampled completions correct (ties: the first sampled)?
+    `correct` [k] grades each completion; completions with no answer do not vote."""
+    votes = [normalize_answer(a) if a else None for a in (extract_answer(c, fmt) for c in completions)]
+    voted = [v for v in votes if v is not None]
+    return correct[votes.index(max(voted, key=voted.count))].item() if voted else 0.0
+
 
 
 def window_mean(metrics, key, last=True, fraction=0.2):
@@ -790,16 +827,27 @@ def window_mean(metrics, key, last=True, fraction=0.2):
     return sum(values) / len(values) if values else float("nan")
 
 
-def print_summary(summary, metrics_path, reward):
+REGIMES = {"base": "the tiny model's warm start was plain language modelling of solved problems (a base "
+                   "model: the paper's regime); before RL it writes on past its first answer",
+           "sft": "the tiny model was fine-tuned on prompt -> solution pairs (an instruction-tuned model)"}
+EXPLAINED = {"accuracy": "greedy completion correct", "first_line": "the greedy completion's first line "
+             "correct", "stopped": "greedy completions that end (stop token)", "mean@": "sampled completions "
+             "correct", "pass@": "prompts with one of the k sampled correct", "maj@": "prompts whose most "
+             "frequent sampled answer is correct"}
+
+
+def print_summary(summary, metrics_path, cfg):
     metrics = read_jsonl(metrics_path)
     print(f"\nVIGOR run done in {summary['wall_s']:.0f} s -> {summary['run_dir']}")
-    for key in summary["after"]:
-        before, after = summary["before"][key], summary["after"][key]
-        if key.endswith("/accuracy"):
-            print(f"  {key} (greedy, held out): before RL {before:.1%}  after RL {after:.1%}")
-        elif "@" in key:
-            print(f"  {key} (sampled, held out): before RL {before:.1%}  after RL {after:.1%}")
-    score = {"vigor": "-sqrt(T) * ||g||", "self_certainty": "self-certainty", "gt": "correctness"}[reward]
+    if cfg.model == "tiny":
+        print(f"  regime {cfg.task}: {REGIMES[cfg.task]}")
+    print("  held out, before RL (the starting model) -> after RL (the final model):")
+    for key, after in summary["after"].items():
+        what = next((v for k, v in EXPLAINED.items() if k in key.split("/")[-1]), None)
+        if what:
+            print(f"    {key}: {summary['before'][key]:.1%} -> {after:.1%}  ({what})")
+    score = {"vigor": "-sqrt(T) * ||g||", "self_certainty": "self-certainty", "gt": "correctness",
+             "random": "uniform noise"}[cfg.reward]
     for key, what in [("completions/mean_length", "mean completion length (tokens)"),
                       ("score", f"mean score ({score})"),
                       ("reward_std", "reward std within groups (the mean is 0 for rank rewards)"),
@@ -993,15 +1041,46 @@ def char_tokenizer(vocab_size=None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
-def pad_right(rows, pad_id):
-    """[B, L] tensor from lists of token ids, padded on the right."""
-    out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+def pad_right(rows, pad_id, dtype=torch.long):
+    """[B, L] tensor from lists of token ids (or other values), padded on the right."""
+    out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=dtype)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, :len(r)] = torch.tensor(r, dtype=dtype)
     return out
 
 
 WARMSTART_DIRECT = 0.5  # fraction of warm-start solutions that give the answer alone, not the running totals
+WARMSTART_PACKED = (16, 64)  # base: rows of packed documents per step, tokens per row
+
+
+def warmstart_sequence(cfg, rows, rng, tok, length):
+    """One sequence of the warm start: (token ids, loss weight of predicting each). sft: a prompt and its
+    solution, EOS after the answer, loss on the solution only. base: documents packed end to end up to
+    `length` tokens; a document holds a geometric number of problems (mean doc_problems), one solved problem
+    per line, EOS only at its end; loss on every token (the problems' text weighted by prompt_weight), and a
+    share wrong_share of its answers is off by one. A share text_share of the lines after the first are random
+    characters instead."""
+    base, ids, weights = cfg.task == "base", [], []
+    while not ids or (base and len(ids) < length):
+        count = 1
+        while base and rng.random() > 1 / cfg.doc_problems:
+            count += 1
+        for i, r in enumerate(rng.sample(rows, count)):
+            if i and cfg.text_share and rng.random() < cfg.text_share:
+                text = tok.convert_tokens_to_ids([chr(rng.randint(32, 126)) for _ in range(rng.randint(5, 20))])
+                ids += text + tok.convert_tokens_to_ids(["\n"])
+                weights += [cfg.prompt_weight] * len(text) + [1.0]
+                continue
+            solution = r["answer"] if rng.random() < WARMSTART_DIRECT else r["solution"]
+            if base and rng.random() < cfg.wrong_share:
+                head, comma, last = solution.rpartition(",")
+                solution = head + comma + str(int(last) + rng.choice((-1, 1)))
+            prompt = tok.convert_tokens_to_ids(list(r["prompt"]))  # one token per character
+            answer = tok.convert_tokens_to_ids(list(solution + "\n"))  # the newline: on to another problem
+            ids += prompt + answer
+            weights += [cfg.prompt_weight if base else 0.0] * len(prompt) + [1.0] * len(answer)
+        ids[-1] = tok.eos_token_id  # the document's last line ends in EOS instead
+    return ids[:length], weights[:length]
 
 
 def tiny_base_model(cfg: Config) -> str:
@@ -1013,7 +1092,9 @@ def tiny_base_model(cfg: Config) -> str:
     if not os.path.isfile(arch_path):
         raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
     arch, rows = json.load(open(arch_path)), synthetic_split("warmstart")
-    shaped_by = [arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, WARMSTART_DIRECT]
+    shaped_by = [arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, WARMSTART_DIRECT, cfg.task]
+    if cfg.task == "base":
+        shaped_by += [cfg.doc_problems, cfg.wrong_share, cfg.prompt_weight, cfg.text_share]
     key = hashlib.sha256(json.dumps(shaped_by).encode()).hexdigest()[:12]
     folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -1023,15 +1104,14 @@ def tiny_base_model(cfg: Config) -> str:
     model = Qwen2ForCausalLM(Qwen2Config(**arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
     rng = random.Random(0)
+    batch, length = (64, arch["max_position_embeddings"]) if cfg.task == "sft" else WARMSTART_PACKED
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr)
     for step in range(cfg.warmstart_steps):
-        batch = rng.sample(rows, 64)
-        prompts = [tok(r["prompt"])["input_ids"] for r in batch]
-        solutions = [r["answer"] if rng.random() < WARMSTART_DIRECT else r["solution"] for r in batch]
-        seqs = [p + tok(s)["input_ids"] + [tok.eos_token_id] for p, s in zip(prompts, solutions)]
-        ids = pad_right(seqs, tok.pad_token_id)
-        mask = pad_right([[0] * len(p) + [1] * (len(s) - len(p)) for p, s in zip(prompts, seqs)], 0)[:, 1:]
-        loss = -(token_logps(model(input_ids=ids).logits, ids) * mask).sum() / mask.sum()
+        seqs, weights = zip(*(warmstart_sequence(cfg, rows, rng, tok, length) for _ in range(batch)))
+        ids, w = pad_right(seqs, tok.pad_token_id), pad_right(weights, 0, torch.float)[:, 1:]
+
+        loss = -(token_logps(model(input_ids=ids).logits, ids) * w).sum() / w.sum()
+
         for g in opt.param_groups:
             g["lr"] = cfg.warmstart_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.warmstart_steps))
         loss.backward()
@@ -1107,11 +1187,12 @@ def stop_token_ids(model, tok):
 
 # --- Appendix 1: settings from the command line and config files --------------------------------------------
 COMMANDS_HELP = """commands:
-  python vigor.py [--config FILE] [--setting value ...]        train (defaults: the tiny task)
+  python vigor.py [--config FILE] [--setting value ...]        train (defaults: the tiny base model)
   torchrun --nproc_per_node N vigor.py [...]                    train on N processes (parallelism)
-  python vigor.py study [--seeds 7,8,9] [--setting value ...]   base/vigor/ablations/baselines over seeds
-  python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...  |  compare RUN_DIR...
-  python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  reward pass / generation / RL step
+  python vigor.py study [--seeds 7,8,9] [--regimes base,sft] [--rows ...] [--setting value ...]
+                                                                every reward and ablation, both regimes
+  python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...      the paper's analyses of a run
+  python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  the reward pass's methods side by side
 Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
 
 
@@ -1534,7 +1615,7 @@ def prompt_batch(n_prompts, step, per_step, seed):
     return out
 
 
-# --- Tools 1: analyses of run folders, the paper's tables in miniature, and the study -----------------------
+# --- Tools 1: analyses of run folders, and the study: the paper's tables in miniature ----------------------
 def read_jsonl(path):
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: is this a run folder?")
@@ -1542,33 +1623,22 @@ def read_jsonl(path):
 
 
 def print_table(title, header, rows):
-    """Print a markdown table under a title; return the table's text."""
+    """Print a markdown table under a title; return the text printed."""
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-    text = "\n".join(lines)
-    print(f"\n{title}\n{text}")
-    return text
+    print("\n" + "\n".join(lines))
+    return "\n".join(lines)
 
 
-def save_plot(path, panels):
-    """panels: [(title, {label: (xs, ys)})]; skipped quietly when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
-    for ax, (title, lines) in zip(axes if len(panels) > 1 else [axes], panels):
-        for label, (xs, ys) in lines.items():
-            ax.plot(xs, ys, marker=".", label=label)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"saved {path}")
+def logged_completions(run_dir, key):
+    """(G, the completions.jsonl lines that hold `key`) of a run folder."""
+    G = json.load(open(os.path.join(run_dir, "config.json")))["num_generations"]
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if key in r]
+    if not rows:
+        raise DataError(f"{run_dir} logged no {key} (grad_norm: reward vigor; correct: an answer_column)")
+    return G, rows
 
 
 def length_bias(run_dir, bins=4):
@@ -1576,10 +1646,7 @@ def length_bias(run_dir, bins=4):
     inside each group (completions of one prompt), so a prompt's difficulty cannot stand in for its length:
     a norm is divided by its group's geometric mean, and the slope of log-norm on log T, pooled over groups
     after removing each group's mean, estimates the exponent (paper: -0.5 raw, 0 corrected)."""
-    G = json.load(open(os.path.join(run_dir, "config.json")))["num_generations"]
-    rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if "grad_norm" in r]
-    if not rows:
-        raise DataError(f"{run_dir} logged no gradient norms (reward must be vigor)")
+    G, rows = logged_completions(run_dir, "grad_norm")
     dev = []  # (T, log T - group mean, log ||g|| - group mean) of groups whose lengths differ
     for g in range(0, len(rows) - G + 1, G):
         t = torch.tensor([float(r["length"]) for r in rows[g:g + G]])
@@ -1599,71 +1666,53 @@ def length_bias(run_dir, bins=4):
     print_table(f"length bias within groups, {run_dir}: slope of log ||g|| on log T {slope:+.2f} raw, "
                 f"{slope + 0.5:+.2f} with sqrt(T) (paper: -0.5, 0)",
                 ["T (tokens)", "completions", "raw ||g|| / group mean", "sqrt(T)*||g|| / group mean"], table)
-    save_plot(os.path.join(run_dir, "length_bias.png"), [
-        ("raw ||g|| / group mean", {"raw": ([r[0] for r in table], [r[2] for r in table])}),
-        ("sqrt(T) * ||g|| / group mean", {"corrected": ([r[0] for r in table], [r[3] for r in table])})])
     return slope, table
 
 
+def accuracy_by_rank(rows, G):
+    """Fraction correct at each within-group rank of the logged score ([G], index 0 = the best-scored), with
+    training's ranks and ties: each group puts one completion at each rank."""
+    hits, groups = torch.zeros(G), 0
+    for g in range(0, len(rows) - G + 1, G):
+        rewards = rank_rewards(torch.tensor([r["score"] for r in rows[g:g + G]]), G)
+        from_best = ((1 - rewards) * (G - 1) / 2).round().long()  # R = +1 -> 0, R = -1 -> G-1
+        hits[from_best] += torch.tensor([float(r["correct"]) for r in rows[g:g + G]])
+        groups += 1
+    return (hits / max(groups, 1)).tolist()
+
+
 def rank_correctness(run_dir, fraction=0.2):
-    """Fraction correct at each within-group rank of the run's score (1 = best), early vs late steps."""
-    G = json.load(open(os.path.join(run_dir, "config.json")))["num_generations"]
-    rows = [r for r in read_jsonl(os.path.join(run_dir, "completions.jsonl")) if "correct" in r]
-    if not rows:
-        raise DataError(f"{run_dir} logged no correctness (the training data needs an answer_column)")
+    """Fraction correct at each within-group rank of the run's score (1 = best): the first step's rollouts
+    (sampled from the model before any update), the first and the last `fraction` of the steps."""
+    G, rows = logged_completions(run_dir, "correct")
     steps = sorted({r["step"] for r in rows})
     k = max(1, int(len(steps) * fraction))
-    table = {}
-    for label, chosen in (("early", set(steps[:k])), ("late", set(steps[-k:]))):
-        hits = [[0, 0] for _ in range(G)]
-        part = [r for r in rows if r["step"] in chosen]
-        for g in range(0, len(part) - G + 1, G):
-            group = part[g:g + G]
-            rewards = rank_rewards(torch.tensor([r["score"] for r in group]), G)  # training's ranks and ties
-            for r, reward in zip(group, rewards.tolist()):
-                from_best = round((1 - reward) * (G - 1) / 2)  # +1 -> 0 (rank 1), -1 -> G-1 (rank G)
-                hits[from_best][0] += r["correct"]
-                hits[from_best][1] += 1
-        table[label] = [h / max(n, 1) for h, n in hits]
+    table = {when: accuracy_by_rank([r for r in rows if r["step"] in chosen], G)
+             for when, chosen in (("step 1", steps[:1]), ("early", steps[:k]), ("late", steps[-k:]))}
     print_table(f"rank vs correctness, {run_dir} (early/late: first/last {fraction:.0%} of steps)",
-                ["rank (1 = best score)", "early accuracy", "late accuracy"],
-                [(i + 1, table["early"][i], table["late"][i]) for i in range(G)])
-    save_plot(os.path.join(run_dir, "rank_correctness.png"),
-              [("accuracy by rank", {k: (list(range(1, G + 1)), v) for k, v in table.items()})])
+                ["rank (1 = best score)", *table], [(i + 1, *(t[i] for t in table.values()))
+                                                    for i in range(G)])
     return table
 
 
-def curve(metrics, key):
-    """(steps, values) of `key` over a run's metrics.jsonl lines."""
-    return [m["step"] for m in metrics if key in m], [m[key] for m in metrics if key in m]
-
-
-def compare_runs(run_dirs, out_png=None):
-    """One row per run folder (final accuracy, mean length, KL, score) and training curves on one figure."""
-    table, curves = [], defaultdict(dict)
-    for run in run_dirs:
-        metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
-        acc_key = next((k for k in metrics[0] if k.endswith("/accuracy")), None)
-        final = [m for m in metrics if m.get("final")]
-        after = final[-1].get(acc_key, float("nan")) if final else float("nan")
-        late = [window_mean(metrics, k) for k in ("completions/mean_length", "kl", "score", "train/accuracy")]
-        table.append((os.path.basename(run.rstrip("/")), metrics[0].get(acc_key, float("nan")), after, *late))
-        for key in ("score", "kl", "completions/mean_length", "train/accuracy", acc_key):
-            curves[key][table[-1][0]] = curve(metrics, key)
-    print_table("run comparison (last 20% of steps for length, KL, score, sampled accuracy)", ["run",
-                "accuracy before", "accuracy after", "mean length", "KL", "score", "sampled accuracy"], table)
-    if out_png:
-        save_plot(out_png, [(k, v) for k, v in curves.items() if v])
-    return table
+def peak(log, select, report):
+    """The authors' kind of checkpoint selection (their best checkpoint by gold accuracy), made here on a
+    held-out set: (`report` and the step) of the evaluation during or after training with the best `select`
+    (ties: the earliest)."""
+    best = max((m for m in log if m["step"] > 0 and select in m), key=lambda m: m[select])
+    return best[report], best["step"]
 
 
 STUDY = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "vigor_no_rank": {"rank": False},
-         "self_certainty": {"reward": "self_certainty"}, "gt": {"reward": "gt"}}
+         "self_certainty": {"reward": "self_certainty"}, "gt": {"reward": "gt"},
+         "random": {"reward": "random"}}
 
 
 @dataclass
 class StudySettings:
     seeds: str = arg("7,8,9", "comma-separated seeds; every row of the study runs once per seed")
+    regimes: str = arg("base,sft", "comma-separated values of `task`: every row runs on each regime")
+    rows: str = arg(",".join(STUDY), f"comma-separated rows, from {', '.join(STUDY)}")
 
 
 def mean_sd(values):
@@ -1673,78 +1722,111 @@ def mean_sd(values):
 
 
 def study(argv):
-    """The paper's comparison in miniature: base / vigor / ablations / self_certainty / gt over seeds, and
-    each claim's number: gain over the base, length drift, KL, within-group length slope, best- vs
-    worst-rank accuracy. Writes study.md (both tables) and study.png (held-out accuracy, KL and length over
-    training, seed means)."""
+    """The paper's comparison in miniature, per regime (the tiny model's warm start, `task`): every row over
+    the seeds, evaluated on test (reported) and validation (selects the peak) every eval_every steps. Per
+    regime it prints and writes to study.md: the base model's diagnostics, the main table (final model and
+    validation-chosen peak), and the claims table (the pre-registered criteria and the paper's claims)."""
     settings, base = parse_command_line(argv, "python vigor.py study", StudySettings, Config)
-    seeds = [int(s) for s in settings.seeds.split(",")]
-    runs = defaultdict(list)
-    for seed in seeds:
-        for name, over in STUDY.items():
-            cfg = make_config({**dataclasses.asdict(base), **over, "seed": seed,
-                               "run_name": f"study-{name}-s{seed}",
-                               "eval_every": base.eval_every or max(1, base.steps // 10)})
-            print(f"\n=== {cfg.run_name}")
-            runs[name].append(train(cfg)["run_dir"])
-    if rank_and_world()[0] > 0:  # under torchrun, rank 0 alone writes the tables
-        return
-    main_rows, claims, curves = [], [], defaultdict(dict)
-    for name, dirs in runs.items():
-        logs = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs]
-        acc = next(k for k in logs[0][0] if k.endswith("/accuracy"))
-        sampled = acc.replace("/accuracy", f"/mean@{base.eval_samples}")
-
-        def over_seeds(value_of):  # one cell: value_of(a seed's metrics lines), as mean ± sd over the seeds
-            return mean_sd([value_of(log) for log in logs])
-        if not main_rows:
-            main_rows.append(("base (no RL)", over_seeds(lambda log: log[0][acc]), "",
-                              over_seeds(lambda log: log[0].get(sampled, math.nan)), "", ""))
-        first_length = over_seeds(lambda log: window_mean(log, "completions/mean_length", False))
-        last_length = over_seeds(lambda log: window_mean(log, "completions/mean_length"))
-        main_rows.append((name, over_seeds(lambda log: log[-1][acc]),
-                          over_seeds(lambda log: log[-1][acc] - log[0][acc]),
-                          over_seeds(lambda log: log[-1].get(sampled, math.nan)),
-                          f"{first_length} -> {last_length}", over_seeds(lambda log: window_mean(log, "kl"))))
-        if name.startswith("vigor") or name == "self_certainty":
-            with contextlib.redirect_stdout(io.StringIO()):  # their tables per run would drown the summary
-                slopes = [length_bias(d)[0] for d in dirs] if name.startswith("vigor") else []
-                ranks = [rank_correctness(d) for d in dirs]
-            best_worst = [mean_sd([r[when][i] for r in ranks]) for when in ("early", "late") for i in (0, -1)]
-            claims.append((name, mean_sd(slopes) if slopes else "no norms", *best_worst))
-        for key in (acc, "kl", "completions/mean_length"):
-            per_seed = [curve(log, key) for log in logs]
-            curves[key][name] = (per_seed[0][0], [sum(v) / len(v) for v in zip(*(ys for _, ys in per_seed))])
-    G = base.num_generations
-    text = print_table(f"miniature study, seeds {seeds} (mean ± sd over seeds; held-out = {acc})",
-                       ["method", "held-out greedy accuracy", "gain over base",
-                        f"held-out mean@{base.eval_samples}", "mean length, first -> last 20% of steps",
-                        "KL (last 20%)"], main_rows)
-    claims_title = ("claims' numbers: within-group log ||g|| vs log T slope (paper: -0.5), accuracy of the "
-                    "best- and worst-scored completion of each group, first/last 20% of steps")
-    text += "\n\n" + print_table(claims_title, ["reward", "raw ||g|| slope", "rank 1 early",
-                                                f"rank {G} early", "rank 1 late", f"rank {G} late"], claims)
-    with open(os.path.join(base.out_dir, "study.md"), "w") as f:
-        f.write(text + "\n")
-    save_plot(os.path.join(base.out_dir, "study.png"), [(k, v) for k, v in curves.items()])
+    seeds, rows = [int(s) for s in settings.seeds.split(",")], settings.rows.split(",")
+    regimes = settings.regimes.split(",")
+    if set(rows) - set(STUDY) or set(regimes) - {"base", "sft"}:
+        raise ConfigError(f"study: rows come from {list(STUDY)}, regimes from ['base', 'sft']")
+    # the first eval set is reported; the peak is chosen on the validation split (added if not there)
+    named = [eval_set_name(spec) for spec in base.eval_data]
+    sets = base.eval_data + [SYNTHETIC_VALIDATION] * ("validation" not in named)
+    text = ""
+    for regime in regimes:
+        runs = defaultdict(list)
+        for seed in seeds:
+            for name in rows:
+                cfg = make_config({**dataclasses.asdict(base), **STUDY[name], "task": regime, "seed": seed,
+                                   "run_name": f"study-{regime}-{name}-s{seed}", "eval_data": sets,
+                                   "eval_every": base.eval_every or 15})
+                print(f"\n=== {cfg.run_name}")
+                runs[name].append(train(cfg)["run_dir"])
+        if rank_and_world()[0] == 0:  # under torchrun, rank 0 alone writes the tables
+            text += study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0])) + "\n\n"
+    if rank_and_world()[0] == 0:
+        with open(os.path.join(base.out_dir, "study.md"), "w") as f:
+            f.write(text)
 
 
-# --- Tools 2: benchmark of the reward pass, generation and an RL step, on random Qwen2.5-shaped weights -----
+def study_tables(regime, runs, seeds, k, reported):
+    """The four tables of one regime (see `study`) from its run folders; returns their text."""
+    logs = {name: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for name, dirs in runs.items()}
+    first, test, val = next(iter(logs.values())), f"eval/{reported}/", "eval/validation/"
+
+    def gains(name, key="accuracy"):  # per seed: the final model's minus the base model's, on test
+        return [log[-1][test + key] - log[0][test + key] for log in logs[name]]
+
+    def over_seeds(name, value_of):  # one cell: value_of(a seed's metrics lines), mean ± sd over the seeds
+        return mean_sd([value_of(log) for log in logs[name]])
+    with contextlib.redirect_stdout(io.StringIO()):  # the tables of each run would drown the summary
+        ranks = {name: [rank_correctness(d) for d in dirs] for name, dirs in runs.items()}
+        slopes = {name: [length_bias(d)[0] for d in dirs] for name, dirs in runs.items()
+                  if name.startswith("vigor")}
+    keys = ["accuracy", "first_line", "stopped", f"mean@{k}", f"pass@{k}", f"maj@{k}"]
+    text = print_table(f"{regime}: the base model before RL (test set, mean ± sd over seeds {seeds})", keys,
+                       [[mean_sd([log[0][test + key] for log in first]) for key in keys]])
+    text += "\n\n" + print_table(
+        f"{regime}: how often the best-scored (rank 1) and the worst-scored (rank G) completion of a group "
+        "is correct, on the rollouts of step 1 (sampled from the base model) and of the last 20% of steps",
+        ["reward", "rank 1, step 1", "rank G, step 1", "rank 1, late", "rank G, late"],
+        [(name, *(mean_sd([r[when][i] for r in ranks[name]]) for when in ("step 1", "late") for i in (0, -1)))
+         for name in runs])
+    rows = [("base (no RL)", mean_sd([log[0][test + "accuracy"] for log in first]), "",
+             mean_sd([log[0][f"{test}mean@{k}"] for log in first]), "", "", "")]
+    for name in logs:
+        peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[name]]
+        rows.append((name, over_seeds(name, lambda log: log[-1][test + "accuracy"]), mean_sd(gains(name)),
+                     over_seeds(name, lambda log: log[-1][f"{test}mean@{k}"]), mean_sd([p[0] for p in peaks]),
+                     ", ".join(str(p[1]) for p in peaks),
+                     over_seeds(name, lambda log: window_mean(log, "completions/mean_length", False)) + " -> "
+                     + over_seeds(name, lambda log: window_mean(log, "completions/mean_length"))))
+    text += "\n\n" + print_table(
+        f"{regime}: test accuracy of the final model and of the peak chosen on validation (the authors' kind "
+        f"of selection), mean ± sd over seeds {seeds}",
+        ["method", "test greedy, final", "gain over base", f"test mean@{k}, final",
+         "test greedy at the validation peak", "peak steps", "mean length, first -> last 20% of steps"], rows)
+    claims = []
+    if "gt" in logs:
+        claims.append(("gt gains >= 10 points, greedy, on every seed (criterion)", gains("gt"),
+                       min(gains("gt")) >= 0.10))
+    if "self_certainty" in logs:
+        best = [max(g) for g in zip(gains("self_certainty"), gains("self_certainty", f"mean@{k}"))]
+        claims.append((f"self_certainty gains >= 3 points, greedy or mean@{k}, on 2 of 3 seeds (criterion)",
+                       best, sum(b >= 0.03 for b in best) >= math.ceil(2 * len(seeds) / 3)))
+    if {"gt", "random"} <= set(logs):
+        claims.append(("random gains less than gt (criterion)", gains("random"),
+                       sum(gains("random")) < sum(gains("gt"))))
+    for than in [None, "self_certainty", "vigor_no_sqrt_t", "vigor_no_rank"]:
+        if "vigor" in logs and (than is None or than in logs):
+            diff = [a - b for a, b in zip(gains("vigor"), gains(than) if than else [0.0] * len(seeds))]
+            claims.append((f"vigor gains more than {than or 'the base'}, greedy (paper)", diff,
+                           sum(diff) > 0))
+    for name, s in slopes.items():
+        claims.append((f"{name}: raw ||g|| ~ T^-0.5 within groups (paper; the slope)", s,
+                       abs(sum(s) / len(s) + 0.5) < 0.25))
+    return text + "\n\n" + print_table(
+        f"{regime}: claims; per seed: the gain (or difference of gains) on test, or the slope", ["claim",
+        f"per seed {seeds}", "holds"], [(c, ", ".join(f"{v:+.3f}" for v in vals), "yes" if ok else "NO")
+                                        for c, vals, ok in claims])
+
+
+# --- Tools 2: benchmark of the reward pass, on random Qwen2.5-shaped weights ------------------------------
 
 BENCH_SHAPES = {  # Qwen2.5's hidden, intermediate, layers, heads, kv heads, vocab; completion lengths
     "tiny": (64, 256, 2, 4, 2, 1000, (16, 64)),
     "0.5b": (896, 4864, 24, 14, 2, 151936, (128, 512)),
     "1.5b": (1536, 8960, 28, 12, 2, 151936, (256, 1024))}
-BENCH_PARTS = ("reward", "untied", "generation", "step")
+BENCH_PARTS = ("reward", "untied")
 
 
 @dataclass
 class BenchSettings:
     shapes: str = arg("tiny", "comma-separated shapes: tiny (a CPU), 0.5b, 1.5b (Qwen2.5's, CUDA)")
-    parts: str = arg("reward,untied,generation,step", "comma-separated parts: reward (tied embeddings), "
-                     "untied, generation, step (generation and step are skipped for 1.5b)")
+    parts: str = arg("reward,untied", "comma-separated: reward (tied embeddings, as Qwen2.5 to 3B), untied")
     reps: int = arg(3, "timed calls after a warm-up call; the median is shown")
-    static_cache: bool = arg(False, "the RL step with the static compiled KV cache")
 
 
 def random_model(shape, device, dtype, tied=True, attn="sdpa"):
@@ -1759,7 +1841,7 @@ def random_model(shape, device, dtype, tied=True, attn="sdpa"):
 
 
 def timed(fn, reps, device):
-    """(first-call s, median s of `reps` calls after it, peak GiB, last result)."""
+    """(median s of `reps` calls after a warm-up call, peak GiB, last result)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, result = [], None
     for rep in range(reps + 1):
@@ -1770,11 +1852,7 @@ def timed(fn, reps, device):
         sync()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return times[0], sorted(times[1:])[reps // 2], peak, result
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return sorted(times[1:])[reps // 2], peak, result
 
 
 def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
@@ -1814,7 +1892,7 @@ def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
     rows, ref = [], None
     for name, fn in methods.items():
         try:
-            _, t, peak, norms = timed(fn, reps, device)
+            t, peak, norms = timed(fn, reps, device)
         except torch.OutOfMemoryError:
             t, peak, norms = float("nan"), float("nan"), None
             torch.cuda.empty_cache()
@@ -1824,55 +1902,16 @@ def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
             diff = ((norms.float() - ref.float()).abs() / ref.float()).max().item()
         rows.append([name, t * 1e3, peak, f"{diff:.1e}"])
     rows = [[n, t, t / rows[0][1], p, p / rows[0][2], d] for n, t, p, d in rows]
+    on = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print_table(f"reward pass, {shape} {'tied' if tied else 'untied'}, {dtype}, G={G}, prompt {prompt_len}, "
-                f"completions {lo}..{hi} on {device_name(device)}",
+                f"completions {lo}..{hi} on {on}",
                 ["method", "ms", "x floor", "peak GiB", "x floor mem", "max rel. diff vs loop"], rows)
 
 
-def bench_generation(shape, device, dtype, batch=64, new_tokens=256, prompt_len=128):
-    """New tokens/s of `generate` at a fixed length, dynamic vs static (compiled) KV cache."""
-    from transformers import GenerationConfig
-    model, rows = random_model(shape, device, dtype), []
-    ids = torch.randint(1, BENCH_SHAPES[shape][5], (batch, prompt_len), device=device)
-    for cache in ("dynamic", "static"):
-        gen = GenerationConfig(do_sample=True, temperature=0.9, top_k=50, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None,
-                               cache_implementation=cache)
-        first, t, _, _ = timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                      generation_config=gen), 1, device)
-        rows.append([cache, first, t, f"{batch * new_tokens / t:,.0f}"])
-    print_table(f"generation, {shape}, {batch} sequences x {new_tokens} new tokens, on {device_name(device)}",
-                ["cache", "first call s", "s", "new tokens/s"], rows)
-
-
-def bench_rl_step(shape, device, dtype, static_cache, steps=3):
-    """Whole `rl_step`s: 8 prompts x 8 completions up to the shape's longest completion, per_layer reward."""
-    model, ref = random_model(shape, device, dtype), random_model(shape, device, dtype)
-    ref.load_state_dict(model.state_dict())
-    ref.requires_grad_(False)
-    longest = BENCH_SHAPES[shape][6][1]
-    cfg = make_config({"prompts_per_step": 8, "max_completion_length": longest, "lr": 1e-6,
-                       "grad_norm_method": "per_layer", "static_cache": static_cache, "micro_batch_size": 16})
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    prompts = [r["prompt"] * 12 for r in synthetic_split("train")[:8]]
-    tok, rows = char_tokenizer(BENCH_SHAPES[shape][5]), []
-    keys = ("step_time", "time/generate", "time/reward", "time/reference", "time/update",
-            "completions/mean_length")
-    for step in range(steps + 1):  # step 0 is the warm-up, not shown
-        metrics = rl_step(cfg, model, ref, tok, opt, sched, prompts, None)[0]
-        if step:
-            rows.append([step] + [metrics[k] for k in keys] + [f"{metrics['gen/tokens_per_s']:,.0f}"])
-    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    print_table(f"RL step, {shape}, 8 prompts x 8 completions up to {longest} tokens, "
-                f"static_cache={static_cache}, on {device_name(device)}{peak}",
-                ["step", "total s", "generate s", "reward s", "reference s", "update s", "mean length",
-                 "gen tokens/s"], rows)
-
-
 def bench(argv):
-    """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied,generation,step] [--reps 3]
-    [--static_cache]: offline, on random weights; medians after a warm-up, peak memory with the weights."""
+    """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied] [--reps 3]: offline, on random
+    weights; medians after a warm-up, peak memory with the weights. Training logs the time of each part of
+    a step (time/generate, time/reward, time/reference, time/update) in metrics.jsonl."""
     settings = parse_command_line(argv, "python vigor.py bench", BenchSettings)[0]
     shapes, parts, reps = settings.shapes.split(","), settings.parts.split(","), settings.reps
     for name, given, valid in (("shapes", shapes, BENCH_SHAPES), ("parts", parts, BENCH_PARTS)):
@@ -1883,12 +1922,8 @@ def bench(argv):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for shape in shapes:
-        for part, run in [("reward", lambda: bench_reward(shape, device, dtype, reps, True)),
-                          ("untied", lambda: bench_reward(shape, device, dtype, reps, False)),
-                          ("generation", lambda: bench_generation(shape, device, dtype)),
-                          ("step", lambda: bench_rl_step(shape, device, dtype, settings.static_cache))]:
-            if part in parts and not (shape == "1.5b" and part in ("generation", "step")):
-                run()
+        for part in parts:
+            bench_reward(shape, device, dtype, reps, tied=part == "reward")
 
 
 # --- Tools 3: the reward inside TRL's GRPOTrainer -----------------------------------------------------------
@@ -1946,7 +1981,6 @@ class TRLReward:
 
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],
             "rank-table": lambda dirs: [rank_correctness(d) for d in dirs],
-            "compare": lambda dirs: compare_runs(dirs, os.path.join(dirs[0], "comparison.png")),
             "study": study, "bench": bench}
 
 
