@@ -1004,6 +1004,25 @@ def test_base_documents_end_in_eos_only_at_their_end():
     assert weights[:tok.decode(ids).index("=") + 1] == [0.0] * (tok.decode(ids).index("=") + 1) and weights[-1] == 1.0
 
 
+def test_text_lines_and_the_answer_only_share():
+    """text_share: lines after a document's first are random characters instead of a problem at that rate;
+    direct_share: the share of solutions that are the answer alone."""
+    tok, rows = vigor.char_tokenizer(), vigor.synthetic_split("warmstart")
+    problem = re.compile(r"\d([+-]\d)+=-?\d+(,-?\d+)*")
+    for direct in (0.0, 0.5):
+        cfg, firsts, later, alone = vigor.Config(text_share=0.3, direct_share=direct), [], [], []
+        ids, _ = vigor.warmstart_sequence(cfg, rows, random.Random(1), tok, 20000)
+        for doc in tok.decode(ids).split("<eos>")[:-1]:
+            lines = [bool(problem.fullmatch(line)) for line in doc.split("\n")]
+            firsts.append(lines[0])
+            later += lines[1:]
+            prompt, solution = doc.split("\n")[0].split("=")
+            if len(re.findall("[+-]", prompt)) > 1:  # 3 numbers or more: the two formats differ
+                alone.append("," not in solution)
+        assert all(firsts) and 0.25 < 1 - sum(later) / len(later) < 0.35
+        assert not any(alone) if direct == 0 else 0.4 < sum(alone) / len(alone) < 0.6
+
+
 def test_warm_start_is_deterministic_cached_and_keyed_by_the_corpus(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     folder = vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3))
@@ -1015,8 +1034,8 @@ def test_warm_start_is_deterministic_cached_and_keyed_by_the_corpus(tmp_path, mo
         raise RuntimeError("trained again")
     monkeypatch.setattr(vigor, "warmstart_sequence", no_training)
     assert vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3)) == folder  # cached
-    for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"task": "sft"},
-                 {"warmstart_steps": 4}):
+    for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"text_share": 0.1},
+                 {"direct_share": 0.25}, {"task": "sft"}, {"warmstart_steps": 4}):
         with pytest.raises(RuntimeError, match="trained again"):  # another key: no cache to find
             vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), **{"warmstart_steps": 3, **over}))
 
