@@ -940,7 +940,7 @@ def test_analyses_and_study(out_dir, capsys):
         log = read_jsonl(os.path.join(run, "metrics.jsonl"))
         assert [m["step"] for m in log if "eval/validation/accuracy" in m] == [0, 1, 2, 3]  # every eval_every
     for text in ("the base model before RL", "maj@2", "rank 1, step 1", "test greedy at the validation peak",
-                 "gt gains >= 10 points", "random gains less than gt", "vigor gains more than self_certainty"):
+                 "gt gains >= 10 points", "random gains less than gt", "vigor gains more than self_certainty, greedy, on every seed"):
         assert text in table and text in printed, text
     run = os.path.join(out_dir, "study-base-vigor-s7")
     slope, bias = vigor.length_bias(run)
@@ -1398,30 +1398,32 @@ def test_readme_trl_example_runs_as_written(tmp_path):
 # every command the README shows, run here (size settings appended) or named with what runs it
 # ---------------------------------------------------------------------------------------------------
 SIZE = ("--warmstart_steps 30 --steps 2 --prompts_per_step 4 --num_generations 4 --max_completion_length 12 "
-        "--eval_samples 2 --eval_data '[{path: synthetic, split: test, limit: 16}]'")  # size settings only
+        "--eval_samples 2 --eval_data '[{path: synthetic, split: test, limit: 16}, "
+        "{path: synthetic, split: validation, limit: 8}]'")  # size settings only
 OFFLINE = "(needs network)"  # what a hub model or data set stops with on a machine with no hub
 README_RUNS = [  # (README command(s), the command run here, folder, what its output must hold); in order per folder
-    ("python vigor.py", f"python vigor.py {SIZE}", "main", "VIGOR run done"),
+    ("python vigor.py", f"python vigor.py {SIZE}", "main", "regime base: "),
     ("python vigor.py --help", "python vigor.py --help", "main", "--num_generations int"),
     ("python vigor.py --config tiny_configs/no_sqrt_t.yaml", f"python vigor.py --config tiny_configs/no_sqrt_t.yaml {SIZE}",
      "main", "VIGOR run done"),
-    ("python vigor.py compare runs/vigor runs/vigor_no_sqrt_t", "python vigor.py compare runs/vigor runs/vigor_no_sqrt_t",
-     "main", "| vigor_no_sqrt_t |"),
     ("python vigor.py length-bias runs/vigor runs/vigor_no_sqrt_t",
      "python vigor.py length-bias runs/vigor runs/vigor_no_sqrt_t", "main", "length bias within groups"),
+    ("python vigor.py --config tiny_configs/sft.yaml", f"python vigor.py --config tiny_configs/sft.yaml {SIZE}", "main",
+     "regime sft: "),
+    ("python vigor.py --config tiny_configs/random.yaml", f"python vigor.py --config tiny_configs/random.yaml {SIZE}",
+     "main", "mean score (uniform noise)"),
     ("python vigor.py --report_to tensorboard", f"python vigor.py --report_to tensorboard --run_name tb {SIZE}", "main",
      "VIGOR run done"),
+    ("python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random",
+     f"python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random {SIZE}", "study",
+     "random gains less than gt"),
     (("python vigor.py study", "python vigor.py study --seeds 7"), f"python vigor.py study --seeds 7 {SIZE}", "study",
-     "claims' numbers"),
-    ("python vigor.py length-bias runs/study-vigor-s7", "python vigor.py length-bias runs/study-vigor-s7", "study",
-     "slope of log ||g||"),
-    ("python vigor.py length-bias runs/study-vigor-s7 runs/study-vigor_no_sqrt_t-s7",
-     "python vigor.py length-bias runs/study-vigor-s7 runs/study-vigor_no_sqrt_t-s7", "study", "study-vigor_no_sqrt_t-s7"),
-    ("python vigor.py rank-table runs/study-vigor-s7 runs/study-self_certainty-s7",
-     "python vigor.py rank-table runs/study-vigor-s7 runs/study-self_certainty-s7", "study", "rank vs correctness"),
-    ("python vigor.py compare runs/study-*", "python vigor.py compare runs/study-*", "study", "| study-gt-s7 |"),
-    ("python vigor.py compare runs/study-vigor-s7 runs/study-gt-s7",
-     "python vigor.py compare runs/study-vigor-s7 runs/study-gt-s7", "study", "| study-vigor-s7 |"),
+     "sft: claims"),
+    ("python vigor.py length-bias runs/study-base-vigor-s7", "python vigor.py length-bias runs/study-base-vigor-s7",
+     "study", "slope of log ||g||"),
+    ("python vigor.py rank-table runs/study-base-vigor-s7 runs/study-base-self_certainty-s7",
+     "python vigor.py rank-table runs/study-base-vigor-s7 runs/study-base-self_certainty-s7", "study",
+     "rank vs correctness"),
     ("python vigor.py --config tiny_configs/no_sqrt_t.yaml --steps 100 --seed 8",
      f"python vigor.py --config tiny_configs/no_sqrt_t.yaml --steps 100 --seed 8 {SIZE}", "examples", "VIGOR run done"),
     ("python vigor.py --train_data '{path: my_prompts.jsonl, prompt_column: question}' --lr 2e-5",
@@ -1429,7 +1431,7 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
      "examples", "3 training prompts"),
     ("python vigor.py --config X", f"python vigor.py --config tiny_configs/quick.yaml --run_name x {SIZE}", "examples",
      "VIGOR run done"),
-    ("python vigor.py bench", "python vigor.py bench --reps 1", "examples", "RL step, tiny"),
+    ("python vigor.py bench", "python vigor.py bench --reps 1", "examples", "reward pass, tiny untied"),
     ("python vigor.py --config tiny_configs/smollm2-135m_gsm8k.yaml",
      "python vigor.py --config tiny_configs/smollm2-135m_gsm8k.yaml", "hub", OFFLINE),
     ("python vigor.py --config tiny_configs/qwen2.5-3b_math.yaml",

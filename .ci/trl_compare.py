@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""vigor.py against stock TRL GRPOTrainer on vigor.py's default task, with the same settings and the same reward
-functions (gt, VIGOR through vigor.TRLReward, self-certainty), per seed; held-out greedy accuracy on the 500 test
+"""vigor.py against stock TRL GRPOTrainer on the fine-tuned regime (task sft, 32 prompts per step), with the same
+settings and the same reward functions (gt, VIGOR through vigor.TRLReward, self-certainty), per seed; held-out greedy accuracy on the 500 test
 problems, graded by vigor.grade, after each trainer's run from the same warm start.
 Usage: python3 .ci/trl_compare.py OUT_DIR [--seeds 7,8,9] [--rewards gt,vigor,self_certainty] [--steps 150]"""
 import argparse
@@ -60,6 +60,7 @@ def main():
     for seed in map(int, a.seeds.split(",")):
         for reward in a.rewards.split(","):
             cfg = vigor.make_config({"seed": seed, "reward": reward, "steps": a.steps, "eval_samples": 0,
+                                     "task": "sft", "prompts_per_step": 32,  # the settings of the README's table
                                      "out_dir": a.out, "run_name": f"vigorpy-{reward}-s{seed}"})
             eval_sets = [(spec, *vigor.load_prompts(spec)) for spec in cfg.eval_data]
             for trainer in ("vigor.py", "TRL"):
@@ -75,8 +76,8 @@ def main():
                     policy, tok = trl_run(cfg, reward, seed, os.path.join(a.out, f"trl-{reward}-s{seed}"))
                     after = vigor.evaluate(policy, tok, eval_sets, cfg)
                     before = None
-                results[key] = {"after": after["eval/synthetic/accuracy"], "seconds": time.time() - t,
-                                "before": before and before["eval/synthetic/accuracy"]}
+                results[key] = {"after": after["eval/test/accuracy"], "seconds": time.time() - t,
+                                "before": before and before["eval/test/accuracy"]}
                 print(key, results[key], flush=True)
                 json.dump(results, open(path, "w"), indent=1)
     seeds = a.seeds.split(",")
