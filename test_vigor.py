@@ -933,13 +933,13 @@ def test_analyses_and_study(out_dir, capsys):
     printed = capsys.readouterr().out
     table = open(os.path.join(out_dir, "study.md")).read()
     for regime in ("base", "sft"):
-        for name in ("base (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt", "random"):
+        for name in ("starting model (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt", "random"):
             assert f"| {name} |" in table.split(f"{regime}: test accuracy")[-1].split("claims")[0], (regime, name)
         run = os.path.join(out_dir, f"study-{regime}-gt-s7")
         assert json.load(open(os.path.join(run, "config.json")))["task"] == regime
         log = read_jsonl(os.path.join(run, "metrics.jsonl"))
         assert [m["step"] for m in log if "eval/validation/accuracy" in m] == [0, 1, 2, 3]  # every eval_every
-    for text in ("the base model before RL", "maj@2", "rank 1, step 1", "test greedy at the validation peak",
+    for text in ("the starting model, before RL", "maj@2", "rank 1, step 1", "test greedy at the validation peak",
                  "gt gains >= 10 points", "random gains less than gt", "vigor gains more than self_certainty, greedy, on every seed"):
         assert text in table and text in printed, text
     run = os.path.join(out_dir, "study-base-vigor-s7")

@@ -820,7 +820,6 @@ def majority_correct(completions, correct, fmt):
     return correct[votes.index(max(voted, key=voted.count))].item() if voted else 0.0
 
 
-
 def window_mean(metrics, key, last=True, fraction=0.2):
     """Mean of `key` over the first or last `fraction` of the trained steps (nan when never logged)."""
     trained = [m for m in metrics if "kl" in m]
@@ -1111,9 +1110,7 @@ def tiny_base_model(cfg: Config) -> str:
     for step in range(cfg.warmstart_steps):
         seqs, weights = zip(*(warmstart_sequence(cfg, rows, rng, tok, length) for _ in range(batch)))
         ids, w = pad_right(seqs, tok.pad_token_id), pad_right(weights, 0, torch.float)[:, 1:]
-
         loss = -(token_logps(model(input_ids=ids).logits, ids) * w).sum() / w.sum()
-
         for g in opt.param_groups:
             g["lr"] = cfg.warmstart_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.warmstart_steps))
         loss.backward()
@@ -1768,15 +1765,15 @@ def study_tables(regime, runs, seeds, k, reported):
         slopes = {name: [length_bias(d)[0] for d in dirs] for name, dirs in runs.items()
                   if name.startswith("vigor")}
     keys = ["accuracy", "first_line", "stopped", f"mean@{k}", f"pass@{k}", f"maj@{k}"]
-    text = print_table(f"{regime}: the base model before RL (test set, mean ± sd over seeds {seeds})", keys,
-                       [[mean_sd([log[0][test + key] for log in first]) for key in keys]])
+    text = print_table(f"{regime}: the starting model, before RL (test set, mean ± sd over seeds {seeds})",
+                       keys, [[mean_sd([log[0][test + key] for log in first]) for key in keys]])
     text += "\n\n" + print_table(
         f"{regime}: how often the best-scored (rank 1) and the worst-scored (rank G) completion of a group "
-        "is correct, on the rollouts of step 1 (sampled from the base model) and of the last 20% of steps",
+        "is correct, on the rollouts of step 1 (from the starting model) and of the last 20% of steps",
         ["reward", "rank 1, step 1", "rank G, step 1", "rank 1, late", "rank G, late"],
         [(name, *(mean_sd([r[when][i] for r in ranks[name]]) for when in ("step 1", "late") for i in (0, -1)))
          for name in runs])
-    rows = [("base (no RL)", mean_sd([log[0][test + "accuracy"] for log in first]), "",
+    rows = [("starting model (no RL)", mean_sd([log[0][test + "accuracy"] for log in first]), "",
              mean_sd([log[0][f"{test}mean@{k}"] for log in first]), "", "", "")]
     for name in logs:
         peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[name]]
