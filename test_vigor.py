@@ -973,6 +973,12 @@ def test_peak_is_chosen_on_validation_and_reported_on_test():
     assert vigor.peak(log, "eval/validation/accuracy", "eval/test/accuracy") == (0.3, 30)
 
 
+def test_eval_sets_are_named_by_their_split_or_file():
+    assert vigor.eval_set_name({"path": "synthetic", "split": "validation"}) == "validation"
+    assert vigor.eval_set_name({"path": "synthetic"}) == "train"  # the split load_rows reads by default
+    assert vigor.eval_set_name({"path": "/data/gsm8k/test.jsonl", "split": "test"}) == "test.jsonl"
+
+
 def test_base_documents_end_in_eos_only_at_their_end():
     tok, rows = vigor.char_tokenizer(), vigor.synthetic_split("warmstart")
     gold = {r["prompt"]: r for r in rows}

@@ -800,8 +800,9 @@ def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
                 counts[f"maj@{k}"] = sum(majority_correct(sampled.completions[i * k:(i + 1) * k], correct[i],
                                                           answer_format(prompts[i], cfg.answer_format))
                                          for i in range(len(prompts)))
+        counts["prompts"] = len(mine)
         total = sum_over_ranks({c: torch.tensor(float(v), device=model.device) for c, v in counts.items()})
-        n = sum_over_ranks({"n": torch.tensor(float(len(mine)), device=model.device)})["n"]
+        n = total.pop("prompts")
         out.update({f"eval/{eval_set_name(spec)}/{key}": (v / n).item() for key, v in total.items()
                     if k or "@" not in key})
     return out
@@ -809,7 +810,7 @@ def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
 
 def eval_set_name(spec):
     """A held-out set's name in the metrics: the synthetic task's split, else the file or dataset name."""
-    return spec.get("split", "test") if spec["path"] == "synthetic" else os.path.basename(spec["path"])
+    return spec.get("split", "train") if spec["path"] == "synthetic" else os.path.basename(spec["path"])
 
 
 def majority_correct(completions, correct, fmt):
