@@ -757,7 +757,6 @@ def train(cfg: Config) -> dict:
         if writer is not None:
             writer.close()
         print_summary(summary, metrics_path, cfg)
-
     return summary
 
 
@@ -1754,9 +1753,9 @@ def study(argv):
 def study_tables(regime, runs, seeds, k, reported):
     """The four tables of one regime (see `study`) from its run folders; returns their text."""
     logs = {name: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for name, dirs in runs.items()}
-    first, test, val = next(iter(logs.values())), f"eval/{reported}/", "eval/validation/"
+    start, test, val = next(iter(logs)), f"eval/{reported}/", "eval/validation/"  # step 0: alike in all rows
 
-    def gains(name, key="accuracy"):  # per seed: the final model's minus the base model's, on test
+    def gains(name, key="accuracy"):  # per seed: the final model's minus the starting model's, on test
         return [log[-1][test + key] - log[0][test + key] for log in logs[name]]
 
     def over_seeds(name, value_of):  # one cell: value_of(a seed's metrics lines), mean ± sd over the seeds
@@ -1767,15 +1766,15 @@ def study_tables(regime, runs, seeds, k, reported):
                   if name.startswith("vigor")}
     keys = ["accuracy", "first_line", "stopped", f"mean@{k}", f"pass@{k}", f"maj@{k}"]
     text = print_table(f"{regime}: the starting model, before RL (test set, mean ± sd over seeds {seeds})",
-                       keys, [[mean_sd([log[0][test + key] for log in first]) for key in keys]])
+                       keys, [[over_seeds(start, lambda log: log[0][test + key]) for key in keys]])
     text += "\n\n" + print_table(
         f"{regime}: how often the best-scored (rank 1) and the worst-scored (rank G) completion of a group "
         "is correct, on the rollouts of step 1 (from the starting model) and of the last 20% of steps",
         ["reward", "rank 1, step 1", "rank G, step 1", "rank 1, late", "rank G, late"],
         [(name, *(mean_sd([r[when][i] for r in ranks[name]]) for when in ("step 1", "late") for i in (0, -1)))
          for name in runs])
-    rows = [("starting model (no RL)", mean_sd([log[0][test + "accuracy"] for log in first]), "",
-             mean_sd([log[0][f"{test}mean@{k}"] for log in first]), "", "", "")]
+    rows = [("starting model (no RL)", over_seeds(start, lambda log: log[0][test + "accuracy"]), "",
+             over_seeds(start, lambda log: log[0][f"{test}mean@{k}"]), "", "", "")]
     for name in logs:
         peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[name]]
         rows.append((name, over_seeds(name, lambda log: log[-1][test + "accuracy"]), mean_sd(gains(name)),
