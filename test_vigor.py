@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+import yaml
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import vigor
@@ -925,32 +926,82 @@ def test_length_bias_is_measured_within_groups(tmp_path):
     assert all(r[3] == pytest.approx(1.0) for r in table) and table[0][2] > 1 > table[1][2]
 
 
-def test_analyses_and_study(out_dir, capsys):
+def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
+    """A two-point lr grid: one row per (reward, lr), the ablations at the regime's own lr only, the step-size
+    rule's table, the claims judged at each lr, and the plot."""
     sets = [{"path": "synthetic", "split": "test", "limit": 16}, {"path": "synthetic", "split": "validation", "limit": 8}]
+    rows = "vigor,vigor_no_rank,self_certainty,gt,random"
     vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3", "--warmstart_steps", "30",
-                "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12",
-                "--eval_samples", "2", "--eval_every", "1", "--eval_data", json.dumps(sets)])
+                "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12", "--rows", rows,
+                "--eval_samples", "2", "--eval_every", "1", "--eval_data", json.dumps(sets), "--lr", "1e-4",
+                "--lrs", "1e-4,5e-5"])
     printed = capsys.readouterr().out
     table = open(os.path.join(out_dir, "study.md")).read()
     for regime in ("base", "sft"):
-        for name in ("starting model (no RL)", "vigor", "vigor_no_sqrt_t", "vigor_no_rank", "self_certainty", "gt", "random"):
-            assert f"| {name} |" in table.split(f"{regime}: test accuracy")[-1].split("claims")[0], (regime, name)
-        run = os.path.join(out_dir, f"study-{regime}-gt-s7")
-        assert json.load(open(os.path.join(run, "config.json")))["task"] == regime
+        part = table.split(f"{regime}: the starting model")[1].split("sft: the starting model")[0]
+        cells = part.split("every cell")[1].split("\n\n")[0]
+        for name in rows.split(","):
+            for lr in ("1e-04 (chosen)", "5e-05"):
+                expected = 0 if (name, lr) == ("vigor_no_rank", "5e-05") else 1  # ablations: the chosen lr only
+                assert cells.count(f"| {name} | {lr} |") == expected, (regime, name, lr)
+        claims = part.split("the paper's claims at each lr")[1]
+        for lr in ("1e-04 (chosen)", "5e-05"):
+            for claim in ("vigor gains over the starting model", "vigor gains more than random at the same lr",
+                          "vigor gains more than self_certainty at the same lr",
+                          "vigor's rank 1 is more often correct than its rank G"):
+                assert re.search(rf"\| {re.escape(claim)}[^|]* \| {re.escape(lr)} \| [^|]+ \| (yes|NO|mixed) \|", claims), (claim, lr)
+        assert "| vigor gains more than vigor_no_rank at the same lr | 1e-04 (chosen) |" in claims
+        assert "the step-size rule on the test set" in part and part.count("| 5e-05 | ") >= 3
+        run = os.path.join(out_dir, f"study-{regime}-gt-lr5e-05-s7")
+        saved = json.load(open(os.path.join(run, "config.json")))
+        assert saved["task"] == regime and saved["lr"] == 5e-5
         log = read_jsonl(os.path.join(run, "metrics.jsonl"))
         assert [m["step"] for m in log if "eval/validation/accuracy" in m] == [0, 1, 2, 3]  # every eval_every
-    for text in ("the starting model, before RL", "maj@2", "rank 1, step 1", "test greedy at the validation peak",
-                 "gt gains >= 10 points", "random gains less than gt", "vigor gains more than self_certainty, greedy, on every seed"):
+    for text in ("the starting model before RL", "maj@2", "rank 1, step 1", "greedy at the validation peak",
+                 "KL, last 20% of steps", "greedy gain on test over the starting model"):
         assert text in table and text in printed, text
-    run = os.path.join(out_dir, "study-base-vigor-s7")
+    assert os.path.isfile(os.path.join(out_dir, "study.png")) and "wrote " in printed
+    run = os.path.join(out_dir, "study-base-vigor-lr1e-04-s7")
     slope, bias = vigor.length_bias(run)
     assert len(bias) == 4 and 0 < sum(r[1] for r in bias) <= 3 * 4 * 4 and math.isfinite(slope)
     ranks = vigor.rank_correctness(run)
     assert set(ranks) == {"step 1", "early", "late"} and len(ranks["early"]) == 4
     with pytest.raises(vigor.DataError, match="logged no grad_norm"):
-        vigor.length_bias(os.path.join(out_dir, "study-base-gt-s7"))
+        vigor.length_bias(os.path.join(out_dir, "study-base-gt-lr1e-04-s7"))
     with pytest.raises(vigor.ConfigError, match="rows come from"):
         vigor.study(["--rows", "vigor,oracle"])
+    with pytest.raises(vigor.ConfigError, match="--lrs takes comma-separated numbers"):
+        vigor.study(["--lrs", "1e-4,fast"])
+
+
+def test_each_regime_reads_its_own_settings_before_the_studys_flags():
+    sft_lr = yaml.safe_load(open(os.path.join(HERE, "tiny_configs", "sft.yaml"))).get("lr", vigor.Config().lr)
+    assert vigor.regime_config("base", []).lr == vigor.Config().lr
+    assert vigor.regime_config("sft", []).lr == float(sft_lr) and vigor.regime_config("sft", []).task == "sft"
+    assert vigor.regime_config("sft", ["--lr", "3e-5", "--seeds", "7"]).lr == 3e-5  # the study's flags win
+
+
+def test_step_size_rule_by_hand():
+    """The largest lr at which random's mean gain is >= -2.5 points and gt gains >= 3 points on every seed."""
+    g = {("gt", 2e-4): [0.10, 0.08, 0.09], ("random", 2e-4): [-0.30, -0.20, -0.25],   # random harms
+         ("gt", 1e-4): [0.05, 0.029, 0.06], ("random", 1e-4): [0.0, 0.0, 0.0],        # gt under 3 on a seed
+         ("gt", 5e-5): [0.03, 0.04, 0.05], ("random", 5e-5): [-0.025, -0.035, -0.015],  # both hold, at the edge
+         ("gt", 2e-5): [0.06, 0.06, 0.06], ("random", 2e-5): [0.0, 0.0, 0.0],          # holds, smaller
+         ("vigor", 5e-4): [0.5, 0.5, 0.5]}                                             # never counts
+    assert vigor.step_size_rule(g) == 5e-5
+    assert vigor.step_size_rule({c: v for c, v in g.items() if c[1] != 5e-5}) == 2e-5
+    assert vigor.step_size_rule({c: v for c, v in g.items() if c[1] >= 1e-4}) is None
+    assert vigor.step_size_rule({("gt", 2e-5): [0.06] * 3}) is None  # no random control at that lr
+
+
+def test_claims_verdict_is_strict():
+    assert [vigor.holds(v) for v in ([0.1, 0.2], [0.1, 0.0], [-0.1, 0.0], [0.0, 0.0])] == ["yes", "mixed", "NO", "NO"]
+
+
+def test_study_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    vigor.plot_study({"base": ({("gt", 1e-4): [0.1], ("gt", 5e-5): [0.2]}, 1e-4)}, str(tmp_path / "study.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "study.png").exists()
 
 
 def test_accuracy_by_rank_uses_trainings_ranks_and_ties():
@@ -1420,15 +1471,19 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
      "main", "mean score (uniform noise)"),
     ("python vigor.py --report_to tensorboard", f"python vigor.py --report_to tensorboard --run_name tb {SIZE}", "main",
      "VIGOR run done"),
-    ("python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random",
-     f"python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random {SIZE}", "study",
-     "random gains less than gt"),
-    (("python vigor.py study", "python vigor.py study --seeds 7"), f"python vigor.py study --seeds 7 {SIZE}", "study",
-     "sft: claims"),
-    ("python vigor.py length-bias runs/study-base-vigor-s7", "python vigor.py length-bias runs/study-base-vigor-s7",
+    ("python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random --lrs 2e-4",
+     f"python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random --lrs 2e-4 {SIZE}", "study",
+     "the step-size rule"),
+    (("python vigor.py study", "python vigor.py study --seeds 7"), f"python vigor.py study --seeds 7 {SIZE} --lrs 1e-5",
+     "study", "sft: the paper's claims at each lr"),
+    ("python vigor.py study --rows gt,random --eval_data '[{path: synthetic, split: validation}]' --out_dir runs-calibration",
+     f"python vigor.py study --rows gt,random --eval_data '[{{path: synthetic, split: validation}}]' --out_dir runs-calibration "
+     f"{SIZE} --eval_data '[{{path: synthetic, split: validation, limit: 16}}]' --seeds 7 --lrs 1e-5", "study",
+     "the step-size rule on the validation set"),
+    ("python vigor.py length-bias runs/study-base-vigor-lr2e-04-s7", "python vigor.py length-bias runs/study-base-vigor-lr2e-04-s7",
      "study", "slope of log ||g||"),
-    ("python vigor.py rank-table runs/study-base-vigor-s7 runs/study-base-self_certainty-s7",
-     "python vigor.py rank-table runs/study-base-vigor-s7 runs/study-base-self_certainty-s7", "study",
+    ("python vigor.py rank-table runs/study-base-vigor-lr2e-04-s7 runs/study-base-self_certainty-lr2e-04-s7",
+     "python vigor.py rank-table runs/study-base-vigor-lr2e-04-s7 runs/study-base-self_certainty-lr2e-04-s7", "study",
      "rank vs correctness"),
     ("python vigor.py --config tiny_configs/no_sqrt_t.yaml --steps 100 --seed 8",
      f"python vigor.py --config tiny_configs/no_sqrt_t.yaml --steps 100 --seed 8 {SIZE}", "examples", "VIGOR run done"),

@@ -1188,8 +1188,8 @@ def stop_token_ids(model, tok):
 COMMANDS_HELP = """commands:
   python vigor.py [--config FILE] [--setting value ...]        train (defaults: the tiny base model)
   torchrun --nproc_per_node N vigor.py [...]                    train on N processes (parallelism)
-  python vigor.py study [--seeds 7,8,9] [--regimes base,sft] [--rows ...] [--setting value ...]
-                                                                every reward and ablation, both regimes
+  python vigor.py study [--seeds 7,8,9] [--regimes base,sft] [--rows ...] [--lrs 2e-4,1e-4,...] [...]
+                                                                every reward, both regimes, every lr
   python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...      the paper's analyses of a run
   python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  the reward pass's methods side by side
 Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
@@ -1705,112 +1705,214 @@ def peak(log, select, report):
 STUDY = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "vigor_no_rank": {"rank": False},
          "self_certainty": {"reward": "self_certainty"}, "gt": {"reward": "gt"},
          "random": {"reward": "random"}}
+ABLATIONS = ("vigor_no_sqrt_t", "vigor_no_rank")  # run at the regime's own lr only
+REGIME_CONFIGS = {"base": [], "sft": ["tiny_configs/sft.yaml"]}  # read before the study's own flags
 
 
 @dataclass
 class StudySettings:
     seeds: str = arg("7,8,9", "comma-separated seeds; every row of the study runs once per seed")
-    regimes: str = arg("base,sft", "comma-separated values of `task`: every row runs on each regime")
+    regimes: str = arg("base,sft", "comma-separated values of `task`; each regime's own settings (sft: "
+                       "tiny_configs/sft.yaml) come before the study's flags")
     rows: str = arg(",".join(STUDY), f"comma-separated rows, from {', '.join(STUDY)}")
+    lrs: str = arg("2e-4,1e-4,5e-5,2e-5,1e-5", "comma-separated learning rates: every row runs at each, "
+                   "the ablations only at the regime's own `lr` (the chosen one, marked in the tables)")
 
 
-def mean_sd(values):
-    """'mean ± sd' of one number over seeds (sd 0 for a single seed)."""
-    sd = torch.tensor(values).std().item() if len(values) > 1 else 0
-    return f"{sum(values) / len(values):.3f} ± {sd:.3f}"
+def lr_text(lr):
+    return f"{lr:.1e}".replace(".0e", "e")  # 2e-04, 5e-05, 2.5e-05
+
+
+def mean_sd(values, scale=100.0, fmt=".1f"):
+    """'mean ± sd' of one number over seeds (sd 0 for a single seed); fractions are shown in points."""
+    t = torch.tensor(values, dtype=torch.float64) * scale
+    sd = t.std().item() if len(t) > 1 else 0.0
+    return f"{t.mean().item():{fmt}} ± {sd:{fmt.lstrip('+')}}"
+
+
+def per_seed_text(values, scale=100.0, fmt="+.1f"):
+    return ", ".join(f"{v * scale:{fmt}}" for v in values)
+
+
+def holds(values):
+    """The strict verdict on per-seed values: yes if positive on every seed, NO if on none, else mixed."""
+    return "mixed" if min(values) <= 0 < max(values) else "yes" if min(values) > 0 else "NO"
+
+
+def step_size_rule(gains, tol=1e-9):
+    """The pre-registered choice of the step size, from the two controls alone: the largest lr at which the
+    random control does no detectable harm (its greedy gain, averaged over the seeds, is >= -2.5 points: about
+    two standard errors of a three-seed mean on 500 problems) and gt gains >= 3 points on every seed.
+    `gains`: {(row, lr): [greedy gain per seed, a fraction]}; None when no lr qualifies."""
+    def ok(lr):
+        random, gt = gains.get(("random", lr)), gains.get(("gt", lr))
+        return bool(random and gt) and sum(random) / len(random) >= -0.025 - tol and min(gt) >= 0.03 - tol
+    return max((lr for _, lr in gains if ok(lr)), default=None)
 
 
 def study(argv):
-    """The paper's comparison in miniature, per regime (the tiny model's warm start, `task`): every row over
-    the seeds, evaluated on test (reported) and validation (selects the peak) every eval_every steps. Per
-    regime it prints and writes to study.md: the base model's diagnostics, the main table (final model and
-    validation-chosen peak), and the claims table (the pre-registered criteria and the paper's claims)."""
-    settings, base = parse_command_line(argv, "python vigor.py study", StudySettings, Config)
+    """The paper's comparison in miniature, as a dose-response grid: per regime (the tiny model's warm start,
+    `task`), every row at every lr of the grid (the ablations at the regime's own lr) over the seeds,
+    evaluated on test (reported) and validation (selects the peak) every eval_every steps. Writes study.md
+    (the tables of `study_tables`, also printed) and, with matplotlib installed, study.png (`plot_study`)."""
+    settings = parse_command_line(argv, "python vigor.py study", StudySettings, Config)[0]
     seeds, rows = [int(s) for s in settings.seeds.split(",")], settings.rows.split(",")
     regimes = settings.regimes.split(",")
-    if set(rows) - set(STUDY) or set(regimes) - {"base", "sft"}:
-        raise ConfigError(f"study: rows come from {list(STUDY)}, regimes from ['base', 'sft']")
-    # the first eval set is reported; the peak is chosen on the validation split (added if not there)
-    named = [eval_set_name(spec) for spec in base.eval_data]
-    sets = base.eval_data + [SYNTHETIC_VALIDATION] * ("validation" not in named)
-    text = ""
+    if set(rows) - set(STUDY) or set(regimes) - set(REGIME_CONFIGS):
+        raise ConfigError(f"study: rows come from {list(STUDY)}, regimes from {list(REGIME_CONFIGS)}")
+    try:
+        grid = [float(lr) for lr in settings.lrs.split(",")]
+    except ValueError:
+        raise ConfigError(f"study: --lrs takes comma-separated numbers, got {settings.lrs!r}") from None
+    text, panels = "", {}
     for regime in regimes:
-        runs = defaultdict(list)
+        base = regime_config(regime, argv)
+        # the first eval set is reported; the peak is chosen on the validation split (added if not there)
+        named = [eval_set_name(spec) for spec in base.eval_data]
+        sets = base.eval_data + [SYNTHETIC_VALIDATION] * ("validation" not in named)
+        runs = defaultdict(list)  # (row, lr) -> its run folders, one per seed
         for seed in seeds:
-            for name in rows:
-                cfg = make_config({**dataclasses.asdict(base), **STUDY[name], "task": regime, "seed": seed,
-                                   "run_name": f"study-{regime}-{name}-s{seed}", "eval_data": sets,
-                                   "eval_every": base.eval_every or 15})
-                print(f"\n=== {cfg.run_name}")
-                runs[name].append(train(cfg)["run_dir"])
+            for lr in sorted(set(grid) | {base.lr}, reverse=True):
+                for name in [n for n in rows if n not in ABLATIONS or lr == base.lr]:
+                    cfg = make_config({**dataclasses.asdict(base), **STUDY[name], "task": regime,
+                                       "seed": seed, "lr": lr, "eval_data": sets,
+                                       "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}-s{seed}",
+                                       "eval_every": base.eval_every or 15})
+                    print(f"\n=== {cfg.run_name}")
+                    runs[name, lr].append(train(cfg)["run_dir"])
         if rank_and_world()[0] == 0:  # under torchrun, rank 0 alone writes the tables
-            text += study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0])) + "\n\n"
+            tables, gains = study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0]),
+                                         base.lr)
+            text, panels[regime] = text + tables + "\n\n", (gains, base.lr)
     if rank_and_world()[0] == 0:
         with open(os.path.join(base.out_dir, "study.md"), "w") as f:
             f.write(text)
+        plot_study(panels, os.path.join(base.out_dir, "study.png"))
 
 
-def study_tables(regime, runs, seeds, k, reported):
-    """The four tables of one regime (see `study`) from its run folders; returns their text."""
-    logs = {name: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for name, dirs in runs.items()}
-    start, test, val = next(iter(logs)), f"eval/{reported}/", "eval/validation/"  # step 0: alike in all rows
+def regime_config(regime, argv):
+    """A regime's settings in the study: its own config files (REGIME_CONFIGS), then the study's flags."""
+    files = [a for path in REGIME_CONFIGS[regime] for a in ("--config", os.path.join(HERE, path))]
+    return parse_command_line(files + argv, "python vigor.py study", StudySettings, Config)[1]
 
-    def gains(name, key="accuracy"):  # per seed: the final model's minus the starting model's, on test
-        return [log[-1][test + key] - log[0][test + key] for log in logs[name]]
 
-    def over_seeds(name, value_of):  # one cell: value_of(a seed's metrics lines), mean ± sd over the seeds
-        return mean_sd([value_of(log) for log in logs[name]])
+def study_tables(regime, runs, seeds, k, reported, chosen):
+    """The tables of one regime from its run folders, {(row, lr): one per seed}: the starting model, the
+    step-size rule (when gt and random ran), greedy gain by reward x lr, every cell in detail, accuracy by
+    rank, and the paper's claims at each lr. Returns (their text, {(row, lr): greedy gain per seed})."""
+    logs = {cell: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for cell, dirs in runs.items()}
+    test, val = f"eval/{reported}/", "eval/validation/"
+    lrs = sorted({lr for _, lr in logs}, reverse=True)
+    names = list(dict.fromkeys(name for name, _ in logs))
+    cells = [(name, lr) for name in names for lr in lrs if (name, lr) in logs]
+    col = {lr: lr_text(lr) + " (chosen)" * (lr == chosen) for lr in lrs}
+
+    def over_seeds(cell, value_of, *fmt):  # mean_sd of value_of(one seed's metrics lines)
+        return mean_sd([value_of(log) for log in logs[cell]], *fmt)
+
+    def final(key):
+        return lambda log: log[-1][test + key]
+
+    def gain(key):  # the final model's minus the starting model's, on the reported set
+        return lambda log: log[-1][test + key] - log[0][test + key]
+
+    def length(last):
+        return lambda log: window_mean(log, "completions/mean_length", last)
+    gains = {cell: [gain("accuracy")(log) for log in logs[cell]] for cell in cells}
+    peaks = {cell: [peak(log, val + "accuracy", test + "accuracy") for log in logs[cell]] for cell in cells}
     with contextlib.redirect_stdout(io.StringIO()):  # the tables of each run would drown the summary
-        ranks = {name: [rank_correctness(d) for d in dirs] for name, dirs in runs.items()}
-        slopes = {name: [length_bias(d)[0] for d in dirs] for name, dirs in runs.items()
-                  if name.startswith("vigor")}
+        ranks = {cell: [rank_correctness(d) for d in runs[cell]] for cell in cells}
+        slopes = {cell: [length_bias(d)[0] for d in runs[cell]] for cell in cells
+                  if cell[0].startswith("vigor") and cell[1] == chosen}
     keys = ["accuracy", "first_line", "stopped", f"mean@{k}", f"pass@{k}", f"maj@{k}"]
-    text = print_table(f"{regime}: the starting model, before RL (test set, mean ± sd over seeds {seeds})",
-                       keys, [[over_seeds(start, lambda log: log[0][test + key]) for key in keys]])
+    text = print_table(f"{regime}: the starting model before RL, % of the {reported} set (mean ± sd over "
+                       f"seeds {seeds})", keys, [[over_seeds(cells[0], lambda log: log[0][test + key])
+                                                  for key in keys]])
+    both = [lr for lr in lrs if {("gt", lr), ("random", lr)} <= set(gains)]
+    if both:
+        rule = step_size_rule(gains)
+        text += "\n\n" + print_table(
+            f"{regime}: the step-size rule on the {reported} set: the largest lr at which random's greedy "
+            "gain, averaged over the seeds, is >= -2.5 points and gt gains >= 3 points on every seed -> "
+            f"{lr_text(rule) if rule else 'no lr qualifies'}",
+            ["lr", "random: gain per seed (points)", "mean", "gt: gain per seed", "min", "both hold"],
+            [(col[lr], per_seed_text(gains["random", lr]),
+              per_seed_text([sum(gains["random", lr]) / len(seeds)]), per_seed_text(gains["gt", lr]),
+              per_seed_text([min(gains["gt", lr])]),
+              "yes" if step_size_rule({c: g for c, g in gains.items() if c[1] == lr}) else "no")
+             for lr in both])
     text += "\n\n" + print_table(
-        f"{regime}: how often the best-scored (rank 1) and the worst-scored (rank G) completion of a group "
-        "is correct, on the rollouts of step 1 (from the starting model) and of the last 20% of steps",
-        ["reward", "rank 1, step 1", "rank G, step 1", "rank 1, late", "rank G, late"],
-        [(name, *(mean_sd([r[when][i] for r in ranks[name]]) for when in ("step 1", "late") for i in (0, -1)))
-         for name in runs])
-    rows = [("starting model (no RL)", over_seeds(start, lambda log: log[0][test + "accuracy"]), "",
-             over_seeds(start, lambda log: log[0][f"{test}mean@{k}"]), "", "", "")]
-    for name in logs:
-        peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[name]]
-        rows.append((name, over_seeds(name, lambda log: log[-1][test + "accuracy"]), mean_sd(gains(name)),
-                     over_seeds(name, lambda log: log[-1][f"{test}mean@{k}"]), mean_sd([p[0] for p in peaks]),
-                     ", ".join(str(p[1]) for p in peaks),
-                     over_seeds(name, lambda log: window_mean(log, "completions/mean_length", False)) + " -> "
-                     + over_seeds(name, lambda log: window_mean(log, "completions/mean_length"))))
+        f"{regime}: greedy gain on {reported} over the starting model, points, mean ± sd over seeds {seeds}",
+        ["reward", *col.values()],
+        [(name, *(mean_sd(gains[name, lr], 100, "+.1f") if (name, lr) in gains else "" for lr in lrs))
+         for name in names])
+    def detail(cell):
+        return (cell[0], col[cell[1]], over_seeds(cell, final("accuracy")), mean_sd(gains[cell], 100, "+.1f"),
+                over_seeds(cell, final(f"mean@{k}")), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
+                over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".3g"),
+                mean_sd([p[0] for p in peaks[cell]]), ", ".join(str(p[1]) for p in peaks[cell]),
+                f"{over_seeds(cell, length(False), 1)} -> {over_seeds(cell, length(True), 1)}")
     text += "\n\n" + print_table(
-        f"{regime}: test accuracy of the final model and of the peak chosen on validation (the authors' kind "
-        f"of selection), mean ± sd over seeds {seeds}",
-        ["method", "test greedy, final", "gain over base", f"test mean@{k}, final",
-         "test greedy at the validation peak", "peak steps", "mean length, first -> last 20% of steps"], rows)
-    claims = []  # (claim, values per seed, holds: yes / NO / mixed)
-    if "gt" in logs:
-        claims.append(("gt gains >= 10 points, greedy, on every seed (criterion)", gains("gt"),
-                       min(gains("gt")) >= 0.10))
-    if "self_certainty" in logs:
-        best = [max(g) for g in zip(gains("self_certainty"), gains("self_certainty", f"mean@{k}"))]
-        claims.append((f"self_certainty gains >= 3 points, greedy or mean@{k}, on 2 of 3 seeds (criterion)",
-                       best, sum(b >= 0.03 for b in best) >= math.ceil(2 * len(seeds) / 3)))
-    if {"gt", "random"} <= set(logs):
-        claims.append(("random gains less than gt (criterion)", gains("random"),
-                       sum(gains("random")) < sum(gains("gt"))))
-    for than in [None, "self_certainty", "vigor_no_sqrt_t", "vigor_no_rank"]:
-        if "vigor" in logs and (than is None or than in logs):
-            diff = [a - b for a, b in zip(gains("vigor"), gains(than) if than else [0.0] * len(seeds))]
-            claims.append((f"vigor gains more than {than or 'the base'}, greedy, on every seed (paper)", diff,
-                           "mixed" if min(diff) <= 0 < max(diff) else min(diff) > 0))
-    for name, s in slopes.items():
-        claims.append((f"{name}: raw ||g|| ~ T^-0.5 within groups, slope within 0.25 of -0.5 (paper)", s,
-                       abs(sum(s) / len(s) + 0.5) < 0.25))
-    return text + "\n\n" + print_table(
-        f"{regime}: claims; per seed: the gain (or difference of gains) on test, or the slope", ["claim",
-        f"per seed {seeds}", "holds"], [(c, ", ".join(f"{v:+.3f}" for v in vals),
-                                         ok if isinstance(ok, str) else "yes" if ok else "NO")
-                                        for c, vals, ok in claims])
+        f"{regime}: every cell: the final model on {reported} (%; gains in points), KL to the reference, the "
+        "peak chosen on validation (the authors' kind of selection), completion length",
+        ["reward", "lr", "greedy, final", "gain", f"mean@{k}, final", f"mean@{k} gain",
+         "KL, last 20% of steps", "greedy at the validation peak", "peak steps",
+         "mean length, first -> last 20% of steps"], [detail(cell) for cell in cells])
+    when = {"step 1": "step 1", "early": "first 20%", "late": "last 20%"}
+    text += "\n\n" + print_table(
+        f"{regime}: % of groups whose best-scored (rank 1) and worst-scored (rank G) completion is correct, "
+        "on the rollouts of step 1 (sampled from the starting model), of the first and the last 20% of steps",
+        ["reward", "lr", *(f"rank {r}, {w}" for w in when.values() for r in (1, "G"))],
+        [(name, col[lr], *(mean_sd([r[w][i] for r in ranks[name, lr]]) for w in when for i in (0, -1)))
+         for name, lr in cells])
+    claims = []  # (claim, lr, per-seed values)
+    for lr in [lr for lr in lrs if ("vigor", lr) in gains]:
+        vigor = gains["vigor", lr]
+        claims.append(("vigor gains over the starting model", lr, vigor))
+        claims += [(f"vigor gains more than {than} at the same lr", lr,
+                    [a - b for a, b in zip(vigor, gains[than, lr])])
+                   for than in ("random", "self_certainty", *ABLATIONS) if (than, lr) in gains]
+        claims.append(("vigor's rank 1 is more often correct than its rank G, first 20% of steps", lr,
+                       [r["early"][0] - r["early"][-1] for r in ranks["vigor", lr]]))
+    rows = [(claim, col[lr], per_seed_text(values), holds(values)) for claim, lr, values in claims]
+    rows += [(f"{name}: raw ||g|| ~ T^-0.5 within groups, slope within 0.25 of -0.5", col[lr],
+              per_seed_text(s, 1, "+.2f"), "yes" if abs(sum(s) / len(s) + 0.5) < 0.25 else "NO")
+             for (name, lr), s in slopes.items()]
+    text += "\n\n" + print_table(
+        f"{regime}: the paper's claims at each lr; per seed: the gain, the difference of gains or of rank "
+        "1's and rank G's accuracy (points), or the slope; holds: yes = on every seed, NO = on none",
+        ["claim", "lr", f"per seed {seeds}", "holds"], rows)
+    return text, gains
+
+
+def plot_study(panels, path):
+    """study.png: per regime, greedy gain against lr (log scale), one line per reward with its seed spread
+    (min to max); the ablations, run at the chosen lr only, are points. Without matplotlib: says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so study.png was not drawn (pip install matplotlib); "
+              "the tables are in study.md")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (regime, (gains, chosen)) in zip(axes[0], panels.items()):
+        for name in dict.fromkeys(name for name, _ in gains):
+            lrs = sorted(lr for n, lr in gains if n == name)
+            g = [torch.tensor(gains[name, lr], dtype=torch.float64) * 100 for lr in lrs]
+            mean, low, high = (torch.stack([f(x) for x in g]) for f in (torch.mean, torch.min, torch.max))
+            ax.errorbar(lrs, mean, yerr=torch.stack([mean - low, high - mean]), marker="o", capsize=3,
+                        label=name, ls="-" if len(lrs) > 1 else "none")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(chosen, color="grey", ls=":", lw=1)
+        ax.set(xscale="log", xlabel="learning rate (dotted: the chosen one)", ylabel="greedy gain (points)",
+               title=f"{regime}: gain over the starting model (bars: seeds' min to max)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 # --- Tools 2: benchmark of the reward pass, on random Qwen2.5-shaped weights ------------------------------
