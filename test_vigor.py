@@ -1,5 +1,6 @@
 """Tests for vigor.py: formulas against hand-checked values, gradient norms against a float64 autograd
 loop, the training loop end to end, resume after SIGKILL, and every bad input. Run: pytest -q"""
+import dataclasses
 import json
 import math
 import os
@@ -217,8 +218,12 @@ def test_per_layer_refuses_parameters_it_cannot_handle():
         vigor.per_layer_grad_norms(model, ids, mask)
 
 
-@pytest.mark.parametrize("method", ["vmap", "per_layer", "lm_head"])
-def test_reward_pass_retries_smaller_chunks_after_oom(method):
+CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: ...")
+
+
+@pytest.mark.parametrize("method,error", [("vmap", torch.OutOfMemoryError("forced")), ("per_layer", CPU_OOM),
+                                          ("lm_head", torch.OutOfMemoryError("forced"))])
+def test_reward_pass_retries_smaller_chunks_after_oom(method, error):
     model = tiny_model(False)
     ids, mask = padded_batch()
     real = {"vmap": vigor.grad_norms, "per_layer": vigor.per_layer_grad_norms, "lm_head": vigor.lm_head_grad_norms}[method]
@@ -227,13 +232,26 @@ def test_reward_pass_retries_smaller_chunks_after_oom(method):
     def flaky(m, i, k):
         seen.append(len(i))
         if len(i) > 2:
-            raise torch.OutOfMemoryError("forced")
+            raise error
         return real(m, i, k)
 
     norms = vigor.chunked_scores(flaky, model, ids, mask, 8)
     assert seen == [5, 4, 2, 2, 1]  # 5 rows: chunk 8 fails, chunk 4 fails, then chunks of 2, 2, 1
     assert torch.allclose(norms, real(model, ids, mask), rtol=1e-4)
     assert vigor.auto_chunk_size(model, ids, method) == len(ids)  # a tiny model fits at once
+    with pytest.raises(RuntimeError, match="not memory"):  # any other error is not retried
+        vigor.chunked_scores(lambda *a: (_ for _ in ()).throw(RuntimeError("not memory")), model, ids, mask, 8)
+
+
+def test_free_memory_needs_no_linux_only_call(monkeypatch):
+    """macOS has no os.sysconf("SC_AVPHYS_PAGES") and Windows no os.sysconf: the reward pass's chunk size must
+    come without it (psutil, which peft brings)."""
+    import psutil
+    model = tiny_model(False)
+    ids, _ = padded_batch()
+    monkeypatch.delattr(os, "sysconf", raising=False)
+    assert vigor.free_memory(torch.device("cpu")) == pytest.approx(psutil.virtual_memory().available, rel=0.2)
+    assert vigor.auto_chunk_size(model, ids, "vmap") == len(ids)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,16 +331,20 @@ def test_kl_penalty_enters_the_loss_and_its_gradient():
     assert torch.allclose(logps.grad, 0.1 * (1 - torch.exp(-d)))
 
 
-def test_bnpo_and_grpo_normalise_rows_of_different_lengths_differently():
+def test_dapo_bnpo_and_grpo_normalise_rows_of_different_lengths_differently():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # 3 tokens and 1 token; the 9s are padding
-    # bnpo (the authors'): every token of the step weighs the same, (1 + 2 + 3 + 4) / 4 tokens
-    assert vigor.normalised_loss(per_token, mask, "bnpo", n_tokens=4, n_seqs=2).item() == 2.5
+    # dapo: every token of the step weighs the same, (1 + 2 + 3 + 4) / 4 tokens
+    assert vigor.normalised_loss(per_token, mask, "dapo", n_tokens=4, n_seqs=2, n_batches=1).item() == 2.5
     # grpo: each sequence's token mean, then the mean over sequences, (6 / 3 + 4 / 1) / 2
-    assert vigor.normalised_loss(per_token, mask, "grpo", n_tokens=4, n_seqs=2).item() == 3.0
-    for loss_type in ("bnpo", "grpo"):  # micro-batches' shares use the step's counts: they add up to the whole
-        parts = [vigor.normalised_loss(per_token[i:i + 1], mask[i:i + 1], loss_type, 4, 2) for i in range(2)]
-        assert sum(parts).item() == vigor.normalised_loss(per_token, mask, loss_type, 4, 2).item()
+    assert vigor.normalised_loss(per_token, mask, "grpo", n_tokens=4, n_seqs=2, n_batches=1).item() == 3.0
+    # bnpo (the authors' and TRL's): each micro-batch's token mean, averaged over the micro-batches
+    assert vigor.normalised_loss(per_token, mask, "bnpo", n_tokens=4, n_seqs=2, n_batches=1).item() == 2.5
+    parts = [vigor.normalised_loss(per_token[i:i + 1], mask[i:i + 1], "bnpo", 4, 2, n_batches=2) for i in range(2)]
+    assert [p.item() for p in parts] == [1.0, 2.0]  # (6 / 3) / 2 and (4 / 1) / 2: the split changes bnpo
+    for loss_type in ("dapo", "grpo"):  # micro-batches' shares use the step's counts: they add up to the whole
+        parts = [vigor.normalised_loss(per_token[i:i + 1], mask[i:i + 1], loss_type, 4, 2, 2) for i in range(2)]
+        assert sum(parts).item() == vigor.normalised_loss(per_token, mask, loss_type, 4, 2, 1).item()
 
 
 class FixedLogits(torch.nn.Module):
@@ -351,7 +373,7 @@ def test_policy_logps_use_the_sampling_temperature():
     ids = torch.tensor([[0, 1, 2]])
     logps, logits = vigor.policy_logps(FixedLogits(z), ids, temperature=2.0)
     want = torch.stack([torch.log_softmax(z[0, 0] / 2, -1)[1], torch.log_softmax(z[0, 1] / 2, -1)[2]])
-    assert torch.allclose(logps[0], want) and torch.equal(logits, z)
+    assert torch.allclose(logps[0], want) and torch.equal(logits, z / 2)  # the sampling distribution's logits
     assert not torch.allclose(logps, vigor.policy_logps(FixedLogits(z), ids, temperature=1.0)[0])
 
 
@@ -393,6 +415,32 @@ def test_all_identical_group_causes_no_update(monkeypatch, out_dir):
     assert torch.equal(rw["advantage"], torch.zeros(4))
     assert metrics["frac_reward_zero_std"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_all_identical_group_moves_only_through_the_kl_term(monkeypatch):
+    """G identical completions: the advantages are zero, and with beta > 0 the KL term still has a gradient once
+    the policy differs from the reference; with beta 0, or a policy equal to its reference, nothing moves."""
+    completion = [9, 10, 11, 0]
+    rollouts = vigor.Rollouts.from_ids([[5, 6, 7]] * 4, [completion] * 4, [False] * 4, ["c"] * 4, [0] * 4, 0)
+    moved = {}
+    for beta, ref_seed in ((0.5, 1), (0.0, 1), (0.5, 0)):
+        model = tiny_model(False)
+        cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": beta})
+        _, columns = sgd_step(cfg, model, tiny_model(False, seed=ref_seed).requires_grad_(False), rollouts,
+                              monkeypatch)
+        assert torch.equal(columns["advantage"], torch.zeros(4))
+        moved[beta, ref_seed] = max((a - b).abs().max().item() for a, b in zip(model.parameters(),
+                                                                              tiny_model(False).parameters()))
+    assert moved[0.5, 1] > 1e-4 and moved[0.0, 1] == 0 and moved[0.5, 0] < 1e-7
+
+
+def test_sampling_leaves_the_tokenizers_padding_side_alone(out_dir):
+    """Generation pads prompts on the left for its own call; the tokenizer (saved in checkpoints) keeps its side."""
+    cfg = quick(out_dir)
+    model, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    assert tok.padding_side == "right"
+    rollouts = vigor.sample_groups(model, tok, ["3+4=", "12-3+1="], 1, 4, greedy=True)
+    assert tok.padding_side == "right" and rollouts.input_ids[0, 0] != tok.pad_token_id  # right-padded rows
 
 
 def test_truncated_completions_can_be_left_out_of_the_loss(monkeypatch, out_dir):
@@ -492,35 +540,46 @@ def test_two_iterations_reuse_the_sampling_log_probs_and_clip(monkeypatch):
     assert torch.equal(clipped2[mask], want[mask]) and want[mask].any()
 
 
-@pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
+def fixed_step_params(monkeypatch, loss_type, micro):
+    model, rollouts = tiny_model(False), one_group()
+    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.5, "loss_type": loss_type,
+                             "micro_batch_size": micro, "max_grad_norm": 1e6})
+    metrics, _ = sgd_step(cfg, model, tiny_model(False, seed=1).requires_grad_(False), rollouts, monkeypatch)
+    return [p.detach().clone() for p in model.parameters()], metrics
+
+
+def test_bnpo_is_the_mean_of_micro_batch_token_means(monkeypatch):
+    """bnpo over one micro-batch of the 4 rows (lengths 2..12) is dapo's update; over micro-batches of one row
+    each it is grpo's (each row's token mean, averaged), and the two differ."""
+    (bnpo_4, _), (dapo, _) = fixed_step_params(monkeypatch, "bnpo", 4), fixed_step_params(monkeypatch, "dapo", 4)
+    (bnpo_1, _), (grpo, _) = fixed_step_params(monkeypatch, "bnpo", 1), fixed_step_params(monkeypatch, "grpo", 4)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(bnpo_4, dapo))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(bnpo_1, grpo))
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(bnpo_4, bnpo_1))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_micro_batches_only_split_the_work(monkeypatch, loss_type):
     """The same fixed rollouts in one micro-batch of 4 or four of 1: the same update (the loss normalisers
-    count the whole step), beta and the KL term included."""
-    params = []
-    for micro in (4, 1):
-        model, rollouts = tiny_model(False), one_group()
-        cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.5, "loss_type": loss_type,
-                                 "micro_batch_size": micro, "max_grad_norm": 1e6})
-        ref = tiny_model(False, seed=1).requires_grad_(False)  # another model: the KL term is not zero
-        metrics, _ = sgd_step(cfg, model, ref, rollouts, monkeypatch)
-        params.append(([p.detach().clone() for p in model.parameters()], metrics))
-    (one, m1), (four, m4) = params
+    count the whole step), beta and the KL term included (the reference is another model)."""
+    (one, m1), (four, m4) = fixed_step_params(monkeypatch, loss_type, 4), fixed_step_params(monkeypatch, loss_type, 1)
     assert m1["kl"] > 0 and m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, four))
 
 
 def test_kl_and_entropy_metrics_are_means_over_completion_tokens(monkeypatch):
-    """The step's kl and entropy, recomputed by hand from the two models' log-probs over the completion
-    tokens only (never the prompt): the loss mask is the completion's, shifted to the predicting positions."""
+    """The step's kl and entropy, recomputed by hand from the two models' tempered log-probs over the completion
+    tokens only (never the prompt): the loss mask is the completion's, shifted to the predicting positions. The
+    entropy is the sampling distribution's (logits / temperature), as TRL logs it."""
     model, rollouts = tiny_model(False), one_group()
     ref = tiny_model(False, seed=1).requires_grad_(False)
-    ids, mask = rollouts.input_ids, rollouts.loss_mask[:, 1:].double()
+    ids, mask, temperature = rollouts.input_ids, rollouts.loss_mask[:, 1:].double(), 0.7
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-        logp, ref_logp = (vigor.token_logps(m(input_ids=ids).logits, ids).double() for m in (model, ref))
+        logits = model(input_ids=ids).logits.double() / temperature
+        logp, ref_logp = (vigor.token_logps(m(input_ids=ids).logits.double() / temperature, ids) for m in (model, ref))
     kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    token_entropy = -(logits[:, :-1].double().softmax(-1) * logits[:, :-1].double().log_softmax(-1)).sum(-1)
-    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.1, "temperature": 1.0})
+    token_entropy = -(logits[:, :-1].softmax(-1) * logits[:, :-1].log_softmax(-1)).sum(-1)
+    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "beta": 0.1, "temperature": temperature})
     metrics, _ = sgd_step(cfg, model, ref, rollouts, monkeypatch)
     assert metrics["kl"] == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-4)
     assert metrics["entropy"] == pytest.approx(((token_entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
@@ -728,6 +787,7 @@ def test_config_file_and_overrides(tmp_path):
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["--train_data", "{prompt_column: q}"], "must be a mapping with 'path'"),
     (["--steps"], "needs a value"),
+    (["--reward_params", "lm_head", "--lora_r", "8"], "LoRA freezes the head.*use reward_params all"),
 ])
 def test_config_errors_are_clear(args, message):
     with pytest.raises(vigor.ConfigError, match=message):
@@ -798,6 +858,40 @@ def test_resume_after_sigkill_matches_uninterrupted_run(out_dir):
         assert without_timing(got) == without_timing(want), name
 
 
+def test_resume_keeps_every_logged_line_whose_text_says_final(tmp_path, out_dir):
+    """The issue's reproduction: prompts like 'final 3+4=' (the Qwen configs' system prompt says 'final answer'),
+    a finished run resumed: completions.jsonl and metrics.jsonl come back whole, one final line."""
+    data = tmp_path / "final.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"final {a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(8) for b in range(5)))
+    cfg = quick(out_dir, run_name="final-text", steps=3, save_every=1, train_data={"path": str(data)})
+    vigor.train(cfg)
+    run = os.path.join(out_dir, "final-text")
+    logged, rows = open(os.path.join(run, "completions.jsonl")).read(), read_jsonl(os.path.join(run, "completions.jsonl"))
+    assert len(rows) == 3 * 4 * 4 and all(r["prompt"].startswith("final ") for r in rows)
+    vigor.train(cfg)  # the same command again: a resume of the finished run
+    assert open(os.path.join(run, "completions.jsonl")).read() == logged
+    metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    assert [(m["step"], bool(m.get("final"))) for m in metrics] == [(0, False), (1, False), (2, False), (3, False),
+                                                                      (3, True)]
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_its_start_once(monkeypatch, out_dir):
+    """Killed after the step-0 evaluation was logged, before any checkpoint: the resumed run redoes that
+    evaluation, and metrics.jsonl holds one line per step and one final line."""
+    cfg = quick(out_dir, run_name="early-kill", steps=2, save_every=1)
+    real = vigor.rl_step
+    monkeypatch.setattr(vigor, "rl_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        vigor.train(cfg)
+    run = os.path.join(out_dir, "early-kill")
+    assert [m["step"] for m in read_jsonl(os.path.join(run, "metrics.jsonl"))] == [0]
+    monkeypatch.setattr(vigor, "rl_step", real)
+    vigor.train(cfg)
+    assert [(m["step"], bool(m.get("final"))) for m in read_jsonl(os.path.join(run, "metrics.jsonl"))] == [
+        (0, False), (1, False), (2, False), (2, True)]
+
+
 def test_partial_checkpoint_write_leaves_previous_usable(monkeypatch, out_dir, capsys):
     """A kill while checkpoint-3 is being written (its weights are on disk, its trainer state is not) leaves
     `latest` on the complete checkpoint-2, and the same command resumes from it to the uninterrupted result."""
@@ -832,6 +926,9 @@ def test_existing_run_folder_is_never_overwritten(out_dir, tmp_path):
         vigor.check_run_dir(quick(out_dir, run_name="guard", lr=0.5))
     with pytest.raises(vigor.ConfigError, match="resume is off"):
         vigor.check_run_dir(quick(out_dir, run_name="guard", resume=False))
+    with pytest.raises(vigor.ConfigError, match=r"\(steps\); a run's steps are fixed.*start a new run; choose another "
+                       "--run_name"):  # a finished run is not extended
+        vigor.check_run_dir(quick(out_dir, run_name="guard", steps=QUICK["steps"] + 10))
     os.makedirs(os.path.join(out_dir, "stranger"))
     open(os.path.join(out_dir, "stranger", "notes.txt"), "w").write("mine")
     with pytest.raises(vigor.ConfigError, match="not a vigor run folder"):
@@ -865,6 +962,35 @@ def test_nan_loss_skips_the_step_without_touching_parameters(monkeypatch, out_di
         vigor.rl_step(cfg, model, model, tok, opt, sched, ["3+4=", "1-1="], None)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_nan_in_a_later_iteration_keeps_the_earlier_iterations_update(monkeypatch):
+    """num_iterations 2, NaN in the second: the step is skipped, saying which iteration; the weights are those
+    after the first iteration's update (the same as a run of one iteration), the scheduler stepped once."""
+    done, real = [], vigor.grpo_token_loss
+    for iterations in (1, 2):
+        model, rollouts = tiny_model(False), one_group()
+        cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 1, "num_iterations": iterations})
+        calls = []
+
+        def nan_in_iteration_2(*a):
+            calls.append(1)
+            loss, *rest = real(*a)
+            return (loss * float("nan") if len(calls) == 2 else loss, *rest)
+        monkeypatch.setattr(vigor, "grpo_token_loss", nan_in_iteration_2)
+        monkeypatch.setattr(vigor, "sample_groups", lambda *a, **k: rollouts)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        try:
+            vigor.rl_step(cfg, model, tiny_model(False).requires_grad_(False), None, opt, sched, ["p"], None)
+        except vigor.BadStepError as e:
+            assert iterations == 2 and "NaN/inf in iteration 2 of 2" in str(e)
+        else:
+            assert iterations == 1
+        done.append(([p.detach().clone() for p in model.parameters()], sched.last_epoch))
+    (one, stepped_one), (two, stepped_two) = done
+    assert stepped_one == stepped_two == 1 and all(torch.allclose(a, b, atol=1e-7) for a, b in zip(one, two))
+    assert not all(torch.equal(a, b) for a, b in zip(one, tiny_model(False).parameters()))  # it did update
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path, out_dir, capsys):
@@ -957,7 +1083,7 @@ def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
         assert saved["task"] == regime and saved["lr"] == 5e-5
         log = read_jsonl(os.path.join(run, "metrics.jsonl"))
         assert [m["step"] for m in log if "eval/validation/accuracy" in m] == [0, 1, 2, 3]  # every eval_every
-    for text in ("the starting model before RL", "maj@2", "rank 1, step 1", "greedy at the validation peak",
+    for text in ("the starting model before RL", "maj@2", "rank 1 / G, step 1", "greedy at the validation peak",
                  "KL, last 20% of steps", "greedy gain on test over the starting model"):
         assert text in table and text in printed, text
     assert os.path.isfile(os.path.join(out_dir, "study.png")) and "wrote " in printed
@@ -1006,10 +1132,73 @@ def test_study_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
 
 def test_accuracy_by_rank_uses_trainings_ranks_and_ties():
     """Each group puts one completion at each rank; ties go by position, the earlier one ranking lower."""
-    rows = [{"score": s, "correct": c} for s, c in [(0.1, 1), (0.9, 0), (0.5, 1), (0.5, 0),  # group 1
-                                                     (2.0, 1), (1.0, 1), (3.0, 0), (0.0, 0)]]  # group 2
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.5,    # group 1
+                           2.0, 1.0, 3.0, 0.0])   # group 2
+    correct = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0])
     # group 1 best to worst: 0.9 (0), 0.5 second (0), 0.5 first (1), 0.1 (1); group 2: 3.0 (0), 2.0 (1), 1.0 (1), 0.0 (0)
-    assert vigor.accuracy_by_rank(rows, 4) == [0.0, 0.5, 1.0, 0.5]
+    assert vigor.correct_by_rank(scores, correct, 4).tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
+    assert vigor.accuracy_by_rank(scores, correct, 4) == [0.0, 0.5, 1.0, 0.5]
+
+
+def test_rank_gap_and_its_bootstrap_interval_by_hand():
+    """Every group's rank 1 correct and rank G wrong: a gap of 1 with a zero-width interval. Otherwise the
+    interval is seeded (the same seed gives the same interval) and holds the gap."""
+    perfect = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 6)
+    assert vigor.rank_gap(perfect, 500, seed=7) == (1.0, 1.0, 1.0)
+    mixed = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
+    gap, low, high = vigor.rank_gap(mixed, 2000, seed=7)  # gaps 1, -1, 0, 1, 0, 1: mean 1/3
+    assert gap == pytest.approx(1 / 3) and -1 <= low < gap < high <= 1
+    assert vigor.rank_gap(mixed, 2000, seed=7) == (gap, low, high)
+
+
+def test_within_group_correlation_removes_each_groups_means():
+    lengths = torch.tensor([1.0, 2, 3, 4, 101, 102, 103, 104])  # group 2 is 100 longer: between-group, removed
+    assert vigor.within_group_correlation(-lengths + torch.tensor([0.0] * 4 + [500.0] * 4), lengths, 4) == pytest.approx(-1)
+    assert vigor.within_group_correlation(torch.tensor([1.0, -1, -1, 1] * 2), lengths, 4) == pytest.approx(0)
+    assert math.isnan(vigor.within_group_correlation(torch.ones(8), lengths, 4))
+
+
+def signal_args(out_dir, **over):
+    size = {"warmstart_steps": 30, "num_generations": 4, "max_completion_length": 12, "prompts": 4, "eval_samples": 0,
+            "out_dir": out_dir, **over}
+    return [a for k, v in size.items() for a in (f"--{k}", str(v))]
+
+
+def test_signal_scores_are_compute_rewards_on_rollouts_sampled_once(monkeypatch, out_dir):
+    """Every score is compute_rewards' score on the one set of rollouts (sampled once); recomputed here on the
+    same rollouts and weights, the deterministic scores match exactly; random is the run's seeded draw."""
+    samples, real = [], vigor.sample_groups
+    monkeypatch.setattr(vigor, "sample_groups", lambda *a, **k: samples.append(real(*a, **k)) or samples[-1])
+    report = vigor.signal(signal_args(out_dir, run_name="once"))
+    assert len(samples) == 1
+    run = os.path.join(out_dir, "signal-once")
+    rows = read_jsonl(os.path.join(run, "completions.jsonl"))
+    assert len(rows) == 16 and json.load(open(os.path.join(run, "signal.json")))["scores"].keys() == report["scores"].keys()
+    cfg = vigor.make_config(json.load(open(os.path.join(run, "config.json"))))
+    model, _ = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    for name, over in vigor.SIGNAL_SCORES.items():
+        if name != "random":
+            want = vigor.compute_rewards(dataclasses.replace(cfg, **over), model, samples[0])["score"]
+            assert [r[name] for r in rows] == pytest.approx(want.tolist(), rel=1e-6), name
+    assert [r["completion"] for r in rows] == samples[0].completions
+    again = vigor.signal(signal_args(out_dir, run_name="once"))  # same settings: the same numbers
+    assert again["scores"] == report["scores"]
+    with pytest.raises(vigor.ConfigError, match="scores come from"):
+        vigor.signal(signal_args(out_dir, scores="vigor,oracle"))
+    with pytest.raises(vigor.DataError, match="set train_data.answer_column"):
+        vigor.signal(signal_args(out_dir, train_data="{path: synthetic, answer_column: ''}"))
+
+
+def test_signal_agrees_with_the_rank_table_of_trainings_first_step(out_dir):
+    """Same seed and settings: signal's rollouts are those of training's step 1 (no update has happened), so
+    its VIGOR table is the rank table of step 1."""
+    cfg = quick(out_dir, run_name="first-step", steps=1, eval_samples=0)
+    vigor.train(cfg)
+    step_1 = vigor.rank_correctness(os.path.join(out_dir, "first-step"))["step 1"]
+    report = vigor.signal(signal_args(out_dir, run_name="first-step"))  # its prompts: step 1's (4 of them)
+    assert report["scores"]["vigor"]["accuracy_by_rank"] == pytest.approx(step_1)
+    logged = [r["completion"] for r in read_jsonl(os.path.join(out_dir, "first-step", "completions.jsonl"))]
+    assert logged == [r["completion"] for r in read_jsonl(os.path.join(out_dir, "signal-first-step", "completions.jsonl"))]
 
 
 def test_peak_is_chosen_on_validation_and_reported_on_test():
@@ -1061,22 +1250,16 @@ def test_base_documents_end_in_eos_only_at_their_end():
     assert weights[:tok.decode(ids).index("=") + 1] == [0.0] * (tok.decode(ids).index("=") + 1) and weights[-1] == 1.0
 
 
-def test_text_lines_and_the_answer_only_share():
-    """text_share: lines after a document's first are random characters instead of a problem at that rate;
-    direct_share: the share of solutions that are the answer alone."""
+def test_the_answer_only_share():
+    """direct_share: the share of solutions that are the answer alone (`9`), not the running totals (`12,9`)."""
     tok, rows = vigor.char_tokenizer(), vigor.synthetic_split("warmstart")
-    problem = re.compile(r"\d([+-]\d)+=-?\d+(,-?\d+)*")
     for direct in (0.0, 0.5):
-        cfg, firsts, later, alone = vigor.Config(text_share=0.3, direct_share=direct), [], [], []
-        ids, _ = vigor.warmstart_sequence(cfg, rows, random.Random(1), tok, 20000)
-        for doc in tok.decode(ids).split("<eos>")[:-1]:
-            lines = [bool(problem.fullmatch(line)) for line in doc.split("\n")]
-            firsts.append(lines[0])
-            later += lines[1:]
-            prompt, solution = doc.split("\n")[0].split("=")
+        ids, _ = vigor.warmstart_sequence(vigor.Config(direct_share=direct), rows, random.Random(1), tok, 20000)
+        alone = []
+        for line in tok.decode(ids).replace("<eos>", "\n").split("\n")[1:-1]:  # whole lines only
+            prompt, solution = line.split("=")
             if len(re.findall("[+-]", prompt)) > 1:  # 3 numbers or more: the two formats differ
                 alone.append("," not in solution)
-        assert all(firsts) and 0.25 < 1 - sum(later) / len(later) < 0.35
         assert not any(alone) if direct == 0 else 0.4 < sum(alone) / len(alone) < 0.6
 
 
@@ -1091,8 +1274,8 @@ def test_warm_start_is_deterministic_cached_and_keyed_by_the_corpus(tmp_path, mo
         raise RuntimeError("trained again")
     monkeypatch.setattr(vigor, "warmstart_sequence", no_training)
     assert vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3)) == folder  # cached
-    for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"text_share": 0.1},
-                 {"direct_share": 0.25}, {"task": "sft"}, {"warmstart_steps": 4}):
+    for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"direct_share": 0.25},
+                 {"task": "sft"}, {"warmstart_steps": 4}):
         with pytest.raises(RuntimeError, match="trained again"):  # another key: no cache to find
             vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), **{"warmstart_steps": 3, **over}))
 
@@ -1162,16 +1345,28 @@ def test_bf16_autocast_run_keeps_float32_master_weights(monkeypatch, out_dir, me
         assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask), vigor.grad_norms(model, ids, mask), rtol=3e-2)
 
 
+def load_bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(HERE, ".ci", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_reward_table_agrees_with_the_authors_loop(capsys):
-    vigor.main(["bench", "--parts", "reward", "--reps", "1"])
+    bench = load_bench()
+    bench.bench(["--parts", "reward", "--reps", "1"])
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in capsys.readouterr().out.splitlines() if "|" in r}
     for name in ("torch.func vmap, chunk_size 8", "per-layer, one backward (per_layer)"):
         assert float(rows[name][-1].strip(" |")) < 1e-5, rows[name]  # float32 on CPU: equal up to rounding
     methods = {name: row for name, row in rows.items() if name != "method" and not name.startswith("---")}
     with pytest.raises(vigor.ConfigError, match=r"--shapes: unknown \['7b'\]; valid: tiny, 0.5b, 1.5b"):
-        vigor.bench(["--shapes", "tiny,7b"])
+        bench.bench(["--shapes", "tiny,7b"])
     with pytest.raises(vigor.ConfigError, match=r"--parts: unknown \['rewards'\]; valid: reward, untied"):
-        vigor.bench(["--parts", "rewards"])
+        bench.bench(["--parts", "rewards"])
+    proc = subprocess.run([sys.executable, os.path.join(HERE, ".ci", "bench.py"), "--shapes", "7b"], capture_output=True,
+                          text=True, timeout=300)  # the script, as the README runs it: one error line
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: --shapes: unknown"), proc.stderr[-2000:]
     floor_ms = float(methods["floor: one batched forward+backward"][1])
 
     assert floor_ms > 0 and len(methods) == 6
@@ -1186,7 +1381,8 @@ CONFIG_FILES_SET = {  # what each small config file is for, checked against what
     "lm_head_only.yaml": {"reward_params": "lm_head", "reward": "vigor"},
     "self_certainty.yaml": {"reward": "self_certainty"},
     "gt.yaml": {"reward": "gt"},
-    "quick.yaml": {"steps": 10, "warmstart_steps": 200}}
+    "quick.yaml": {"steps": 10, "warmstart_steps": 200},
+    "sft.yaml": {"task": "sft", "lr": 2e-5}}  # the step-size rule's choice for the fine-tuned regime
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(HERE, "tiny_configs")) if f.endswith(".yaml")))
@@ -1251,9 +1447,10 @@ def one_step_worker(parallelism, out):
     gradient itself (AdamW's first step is lr * sign(g), which would hide a wrong gradient scale)."""
     vigor.sample_groups = lambda model, tok, prompts, *a, **k: fixed_rollouts(prompts)
     results = {}
-    for loss_type in ("bnpo", "grpo"):
+    # bnpo normalises per micro-batch: with 4 rows per micro-batch, 1 and 2 processes hold the same micro-batches
+    for loss_type, micro in (("dapo", 3), ("grpo", 3), ("bnpo", 4)):
         cfg = vigor.make_config({"parallelism": parallelism, "grad_norm_method": "per_layer", "prompts_per_step": 4,
-                                 "num_generations": 4, "micro_batch_size": 3, "beta": 0.1, "max_grad_norm": 0.05,
+                                 "num_generations": 4, "micro_batch_size": micro, "beta": 0.1, "max_grad_norm": 0.05,
                                  "loss_type": loss_type, "device": "cpu"})
         _, dtype = vigor.setup_device(cfg)
         rank, world = vigor.rank_and_world()
@@ -1282,7 +1479,7 @@ def test_n_processes_make_the_update_of_one_process(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         got[name] = torch.load(tmp_path / name, weights_only=True)
     before = tiny_model(True).state_dict()
-    for loss_type in ("bnpo", "grpo"):
+    for loss_type in ("dapo", "grpo", "bnpo"):
         want, m1 = got["one"][loss_type]
         moved = max((want[k] - before[k]).abs().max().item() for k in want)
         assert moved > 1e-3, "the step must move the parameters well beyond the tolerance"
@@ -1442,7 +1639,7 @@ def test_readme_trl_example_runs_as_written(tmp_path):
     start), in a fresh folder."""
     pytest.importorskip("trl")
     code = re.search(r"## VIGOR in TRL.*?```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
-    sizes = {"max_steps=150": "max_steps=2", "32 * G": "2 * G", "vigor.Config()": "vigor.Config(warmstart_steps=30)"}
+    sizes = {"max_steps=100": "max_steps=2", "16 * G": "2 * G", "vigor.Config()": "vigor.Config(warmstart_steps=30)"}
     for shown, small in sizes.items():
         assert code.count(shown) == 1, shown
         code = code.replace(shown, small)
@@ -1467,10 +1664,16 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
      "python vigor.py length-bias runs/vigor runs/vigor_no_sqrt_t", "main", "length bias within groups"),
     ("python vigor.py --config tiny_configs/sft.yaml", f"python vigor.py --config tiny_configs/sft.yaml {SIZE}", "main",
      "regime sft: "),
+    ("python vigor.py --config tiny_configs/sft.yaml --config tiny_configs/random.yaml --lr 2e-4 --run_name sft-random-2e-4",
+     f"python vigor.py --config tiny_configs/sft.yaml --config tiny_configs/random.yaml --lr 2e-4 --run_name sft-random-2e-4 "
+     f"{SIZE}", "main", "mean score (uniform noise)"),
     ("python vigor.py --config tiny_configs/random.yaml", f"python vigor.py --config tiny_configs/random.yaml {SIZE}",
      "main", "mean score (uniform noise)"),
     ("python vigor.py --report_to tensorboard", f"python vigor.py --report_to tensorboard --run_name tb {SIZE}", "main",
      "VIGOR run done"),
+    ("python vigor.py signal", f"python vigor.py signal --prompts 4 {SIZE}", "main", "rank 1 - rank G [95%]"),
+    ("python vigor.py signal --config tiny_configs/sft.yaml", f"python vigor.py signal --config tiny_configs/sft.yaml "
+     f"--prompts 4 {SIZE}", "main", "rank 1 - rank G [95%]"),
     ("python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random --lrs 2e-4",
      f"python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random --lrs 2e-4 {SIZE}", "study",
      "the step-size rule"),
@@ -1490,9 +1693,6 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
     ("python vigor.py --train_data '{path: my_prompts.jsonl, prompt_column: question}' --lr 2e-5",
      f"python vigor.py --train_data '{{path: my_prompts.jsonl, prompt_column: question}}' --lr 2e-5 {SIZE}",
      "examples", "3 training prompts"),
-    ("python vigor.py --config X", f"python vigor.py --config tiny_configs/quick.yaml --run_name x {SIZE}", "examples",
-     "VIGOR run done"),
-    ("python vigor.py bench", "python vigor.py bench --reps 1", "examples", "reward pass, tiny untied"),
     ("python vigor.py --config tiny_configs/smollm2-135m_gsm8k.yaml",
      "python vigor.py --config tiny_configs/smollm2-135m_gsm8k.yaml", "hub", OFFLINE),
     ("python vigor.py --config tiny_configs/qwen2.5-3b_math.yaml",
@@ -1502,10 +1702,7 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
     ("torchrun --nproc_per_node 8 vigor.py --config X",
      f"torchrun --nproc_per_node 2 vigor.py --config tiny_configs/quick.yaml {SIZE}", "torchrun", "x 2 processes (ddp)"),
 ]
-README_ELSEWHERE = {  # README commands that another test, CI or a GPU script runs
-    "torchrun --nproc_per_node 2 vigor.py": "test_torchrun_ddp_run_shares_prompts_and_evaluates_like_one_process",
-    "python vigor.py bench --shapes 0.5b,1.5b": ".ci/gpu_check",  # CUDA shapes; CPU dry run: `bash .ci/gpu_check OUT tiny`
-}
+README_ELSEWHERE = {}  # README commands that another test, CI or a GPU script runs: {command: what runs it}
 
 
 def readme_commands():

@@ -15,7 +15,7 @@ The reward is a constant for the update (stop-gradient): no second-order terms. 
 together: `sample_and_score`, then `grpo_update`. The file then holds the same norms computed faster
 (`per_layer_grad_norms`, `lm_head_grad_norms`), `train` and `evaluate`, the data and grading, the models,
 an appendix of infrastructure (settings parsing, processes, checkpoints) and the tools (analyses, study,
-bench) with `main` last.
+signal, the TRL adapter) with `main` last; the benchmark of the reward pass is .ci/bench.py.
 
 What is simplified compared with the authors' code (open-r1 + a TRL fork), and why:
 - Hugging Face `generate` batched over every group of a step, no vLLM; one process, or several under
@@ -23,7 +23,8 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
 - Gradient norms come from `torch.func` (vmap over per-sample grads) instead of a Python loop of
   `autograd.grad` calls; squares are summed in float32 (the authors summed in bf16).
 - Identical completions inside a group share the mean of their rank rewards: the authors' tie rule
-  (by position) would push the same text both up and down. With all G identical the update is zero.
+  (by position) would push the same text both up and down. With all G identical every advantage is zero:
+  only the beta * KL term still moves the policy (back toward the reference).
 - Generation also stops at the chat template's end-of-turn token (the authors stop at the tokenizer's EOS
   only, so a base Qwen2.5 writes past <|im_end|>); it counts in T like the EOS.
 - Completions cut at the length limit are scored like any other, as the authors do (T = the limit);
@@ -90,54 +91,42 @@ class Config:
     resume: bool = arg(True, "continue an existing run folder from its last checkpoint; false: refuse to")
     seed: int = arg(7, "seed for sampling, data order and initialisation (authors: 7)")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = arg("auto", "compute dtype; auto: bfloat16 on CUDA, float32 on CPU. The policy's weights "
-                     "stay float32 (bf16 would round lr-2e-6 updates away): bf16 runs under autocast",
-                     ("auto", "float32", "bfloat16"))
+    dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA, under autocast; the weights stay float32, "
+                     "where lr-2e-6 updates are not rounded away)", ("auto", "float32", "bfloat16"))
     # model
     model: str = arg("tiny", "'tiny' (built and warm-started here), a local folder or a hub name")
     tiny_model_config: str = arg("tiny_configs/tiny_qwen2.json", "Qwen2 architecture of the tiny model")
-    task: str = arg("base", "the tiny model's warm start. base: plain language modelling of a corpus of "
-                    "solved problems, loss on every token, EOS only at a document's end (a base model: the "
-                    "paper's regime); sft: prompt -> solution pairs, loss on the solution, EOS after every "
-                    "answer (an instruction-tuned model)", ("base", "sft"))
-    direct_share: float = arg(0.5, "share of the warm start's solutions that give the answer alone (`9`), "
-                              "not the running totals (`12,9`)", "in [0, 1)")
+    task: str = arg("base", "the tiny model's warm start. base: language modelling of documents of solved "
+                    "problems, EOS at a document's end (the paper's regime); sft: prompt -> solution pairs, "
+                    "EOS after every answer (an instruction-tuned model)", ("base", "sft"))
+    direct_share: float = arg(0.5, "warm start: share of answer-only solutions (9, not 12,9)", "in [0, 1)")
     doc_problems: float = arg(3.0, "base: mean number of problems in a corpus document (geometric)", ">= 1")
-    wrong_share: float = arg(0.0, "base: share of corpus solutions whose last number is off by one",
-                             "in [0, 1)")
-    prompt_weight: float = arg(0.2, "base: LM-loss weight of the problems' text; 1: all tokens alike (0.2: "
-                               "chosen with the baselines on validation, README: the protocol)", ">= 0")
-    text_share: float = arg(0.0, "base: share of a document's lines after its first that are random "
-                            "characters instead of a problem (how unpredictable text after an answer is)",
-                            "in [0, 1)")
-    warmstart_steps: int = arg(2000, "steps of the tiny model's warm start (base: 16 packed rows of 64 "
-                               "tokens each; sft: 64 examples)", ">= 0")
+    wrong_share: float = arg(0.0, "base: share of solutions whose last number is off by one", "in [0, 1)")
+    prompt_weight: float = arg(0.2, "base: LM-loss weight of the problems' text (1: as any token)", ">= 0")
+    warmstart_steps: int = arg(2000, "warm-start steps (base: 16 rows x 64 tokens; sft: 64 pairs)", ">= 0")
     warmstart_lr: float = arg(3e-3, "learning rate of the tiny model's warm start", "> 0")
-    attn_implementation: str = arg("eager", "both work under torch.func with no attention mask; sdpa has no "
-                                   "vmap batching rule on CPU (slower there)", ("sdpa", "eager"))
-    lora_r: int = arg(0, "LoRA rank (peft), 0 = off. With LoRA the reward's norm is over the LoRA parameters "
-                      "(as the authors), and the reference is the base with the adapter off", ">= 0")
+    attn_implementation: str = arg("eager", "both work under torch.func (no attention mask is passed); "
+                                   "sdpa is slower on CPU", ("sdpa", "eager"))
+    lora_r: int = arg(0, "LoRA rank (peft), 0 = off; the reward's norm is then over the LoRA parameters "
+                      "(as the authors') and the reference is the model with its adapter off", ">= 0")
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", "> 0")
     gradient_checkpointing: bool = arg(False, "recompute activations in the update (the reward pass: never)")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
-    parallelism: str = arg("ddp", "under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: "
-                           "weights, gradients and AdamW states sharded over ranks; full fine-tuning, reward "
-                           "per_layer or lm_head)", ("ddp", "fsdp"))
+    parallelism: str = arg("ddp", "under torchrun: ddp (each rank holds the model) or fsdp (FSDP2 shards "
+                           "weights, gradients, AdamW states; no LoRA, reward per_layer or lm_head)",
+                           ("ddp", "fsdp"))
     # data
-    train_data: dict = arg(SYNTHETIC_TRAIN, "prompts for RL: {path, name, split, prompt_column, "
-                           "answer_column, limit}; path is 'synthetic', a .json/.jsonl/.csv/.parquet file, a "
-                           "folder or a hub name; answers (optional) are used for monitoring only")
+    train_data: dict = arg(SYNTHETIC_TRAIN, "RL prompts: {path, name, split, prompt_column, answer_column, "
+                           "limit}; path: synthetic, a json/jsonl/csv/parquet file, a folder or a hub name")
     eval_data: list = arg([SYNTHETIC_TEST], "held-out sets graded with their answer_column (as train_data)")
     system_prompt: str = arg("", "system message, used when the tokenizer has a chat template")
-    answer_format: str = arg("auto", "how a completion's answer is read: boxed (last \\boxed{}), gsm8k "
-                             "('#### N'), last_number, or auto: boxed if the prompt or system prompt says "
-                             "\\boxed, gsm8k if it says ####, else last_number. No such answer = wrong",
+    answer_format: str = arg("auto", "how an answer is read: boxed (last \\boxed{}), gsm8k (#### N), "
+                             "last_number; auto: what the prompt asks for. No such answer = wrong",
                              ("auto", "boxed", "gsm8k", "last_number"))
     max_prompt_length: int = arg(512, "longer prompts are skipped and counted (authors: 512)", ">= 1")
     # rollouts
     num_generations: int = arg(8, "G: completions per prompt (authors: 8); at least 2")
-    prompts_per_step: int = arg(16, "prompts per RL step; a step trains on prompts_per_step * G completions",
-                                ">= 1")
+    prompts_per_step: int = arg(16, "prompts per RL step (of G completions each)", ">= 1")
     max_completion_length: int = arg(24, "new tokens at most (authors: 1024 for 3B)", ">= 1")
     temperature: float = arg(0.9, "sampling temperature (authors: 0.9)", "> 0")
     top_k: int = arg(50, "top-k sampling, 0 = off (authors: 50)", ">= 0")
@@ -145,43 +134,41 @@ class Config:
     static_cache: bool = arg(False, "CUDA: static KV cache + torch.compile for generation (slow first call)")
     generation_batch_size: int = arg(0, "prompts per generate call, 0 = all of the step's at once", ">= 0")
     # reward
-    reward: str = arg("vigor", "vigor (gradient norm), self_certainty (INTUITOR), gt (gold-answer "
-                      "correctness, needs answers) or random (uniform noise per completion: the "
-                      "spurious-reward control)", ("vigor", "self_certainty", "gt", "random"))
+    reward: str = arg("vigor", "vigor (gradient norm), self_certainty (INTUITOR), gt (gold answers) or "
+                      "random (uniform noise: the control)", ("vigor", "self_certainty", "gt", "random"))
     sqrt_t: bool = arg(True, "vigor: multiply ||g|| by sqrt(T) (paper's length correction; false = ablation)")
     rank: bool = arg(True, "vigor: rank-shape scores to [-1, 1] inside each group (false = ablation)")
     reward_params: str = arg("all", "vigor: gradient over all trainable parameters, or lm_head (the paper's "
                              "cheap approximation, closed form from one forward pass)", ("all", "lm_head"))
-    grad_norm_method: str = arg("vmap", "vmap: torch.func per-sample gradients (the reference); per_layer: "
-                                "the same exact norms from one batched backward, near the cost of training",
-                                ("vmap", "per_layer"))
+    grad_norm_method: str = arg("vmap", "vmap: torch.func (the reference); per_layer: the same norms from "
+                                "one batched backward, near the cost of training", ("vmap", "per_layer"))
     grad_chunk_size: int = arg(0, "completions per chunk of the reward pass, 0 = from free memory", ">= 0")
     # GRPO
     steps: int = arg(100, "RL steps (one batch of prompts each)", ">= 0")
-    lr: float = arg(2e-4, "policy learning rate (authors: 2e-6 for Qwen2.5-3B; the tiny default was chosen "
-                    "with reward gt on the validation split)", "> 0")
+    lr: float = arg(2e-4, "policy learning rate (authors: 2e-6 for Qwen2.5-3B; the tiny default: chosen with "
+                    "the controls gt and random, README: the protocol)", "> 0")
     beta: float = arg(0.01, "weight of the k3 KL penalty to the frozen reference (authors: 0.01)", ">= 0")
     epsilon: float = arg(0.2, "lower clip of the ratio: 1 - epsilon (authors: 0.2)", "> 0")
     epsilon_high: float = arg(0.2, "upper clip of the ratio: 1 + epsilon_high", "> 0")
-    num_iterations: int = arg(1, "optimiser steps per batch of rollouts (authors: 1 for 3B, 3 for 7B)",
-                              ">= 1")
-    loss_type: str = arg("bnpo", "bnpo: token sum / tokens in the batch (authors); grpo: mean per sequence",
-                         ("bnpo", "grpo"))
+    num_iterations: int = arg(1, "optimiser steps per batch of rollouts (authors: 1; 3 for 7B)", ">= 1")
+    loss_type: str = arg("dapo", "TRL's names. dapo: token sum / tokens of the whole step; bnpo: token "
+                         "mean of each micro-batch, averaged (the authors, micro-batches of 4); grpo: each "
+                         "sequence's token mean, averaged over the step's rows", ("dapo", "bnpo", "grpo"))
     mask_truncated_completions: bool = arg(False, "leave completions cut at the length limit out of the loss")
-    micro_batch_size: int = arg(64, "sequences per forward/backward in the update (memory knob only)", ">= 1")
+    micro_batch_size: int = arg(64, "sequences per forward/backward in the update: a memory knob, except "
+                                "that loss_type bnpo normalises per micro-batch", ">= 1")
     max_grad_norm: float = arg(1.0, "clip the update's gradient norm", "> 0")
     warmup_ratio: float = arg(0.1, "linear warmup share of the cosine schedule (authors: 0.1)", "in [0, 1)")
     # logging, evaluation, checkpoints
     eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)", ">= 0")
-    eval_samples: int = arg(8, "before and after RL, also sample k completions per eval prompt: mean@k "
-                            "accuracy and pass@k (one of k correct: what RL could reach); 0 = off", ">= 0")
+    eval_samples: int = arg(8, "before and after RL, also sample k completions per eval prompt (mean@k, "
+                            "pass@k, maj@k); 0 = off", ">= 0")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation", ">= 1")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)", ">= 0")
-    report_to: str = arg("none", "tensorboard: metrics.jsonl's numbers also go to TensorBoard event files in "
-                         "<run folder>/tensorboard (needs the tensorboard package)", ("none", "tensorboard"))
+    report_to: str = arg("none", "tensorboard: metrics.jsonl's numbers also go to <run folder>/tensorboard",
+                         ("none", "tensorboard"))
     log_completions_every: int = arg(1, "write every Nth step's completions to completions.jsonl", ">= 0")
-    max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf reward, loss or gradient",
-                             ">= 1")
+    max_bad_steps: int = arg(3, "stop after this many NaN/inf steps in a row (reward, loss, grad)", ">= 1")
 
     def __post_init__(self):  # every Config, however made, is checked
         validate(self)
@@ -259,7 +246,8 @@ def rank_rewards(scores, group_size):
 
 def share_identical(rewards, completion_ids, group_size):
     """Identical completions in a group get the mean of their rewards: the same text must not be pushed
-    both up and down by a tie rule. If all G are identical, every advantage (hence the update) is zero."""
+    both up and down by a tie rule. If all G are identical, every advantage is zero and the group's only
+    gradient is the beta * KL term's."""
     out = rewards.clone()
     for g in range(len(completion_ids) // group_size):
         same = defaultdict(list)
@@ -294,24 +282,29 @@ def grpo_token_loss(logps, old_logps, ref_logps, advantages, epsilon, epsilon_hi
     return -torch.min(unclipped, clipped) + beta * kl, kl, clipped < unclipped
 
 
-def normalised_loss(per_token, mask, loss_type, n_tokens, n_seqs):
-    """A micro-batch's share of the step's loss, from per-token losses and the completion mask [B, T]:
-        bnpo (authors):  sum over tokens / n_tokens        grpo:  sum over rows of the token mean / n_seqs
-    n_tokens and n_seqs count the whole step (every micro-batch, every rank), so the sum of the shares does
-    not depend on how the step is split."""
-    if loss_type == "bnpo":
+def normalised_loss(per_token, mask, loss_type, n_tokens, n_seqs, n_batches):
+    """A micro-batch's share of the step's loss, from per-token losses and the completion mask [B, T], with
+    TRL's definitions (n_tokens, n_seqs, n_batches count the whole step: every micro-batch of every rank):
+        dapo:  token sum / n_tokens                     (the step's token mean: the split does not matter)
+        bnpo:  token sum / micro-batch's tokens / n_batches  (the authors': the mean of micro-batches' means)
+        grpo:  sum over rows of the row's token mean / n_seqs  (every sequence weighs the same)"""
+    if loss_type == "dapo":
         return (per_token * mask).sum() / n_tokens
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1) / n_batches
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
 
 
 def policy_logps(model, input_ids, temperature):
-    """log-probs of the sampled tokens under the sampling distribution (logits / temperature, as TRL)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return token_logps(logits / temperature, input_ids), logits
+    """log-probs of the sampled tokens under the sampling distribution, and its logits: logits / temperature,
+    as TRL (whose entropy metric is that distribution's too)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits / temperature
+    return token_logps(logits, input_ids), logits
 
 
 def entropy(logits, mask):
-    """Per-token entropy of the policy, summed over the masked positions (a monitor: no gradient)."""
+    """Per-token entropy of the sampling distribution (tempered logits, as TRL logs it), summed over the
+    masked positions: a monitor, no gradient."""
     with torch.no_grad():
         logp = logits[:, :-1].float().log_softmax(-1)
         return (-(logp.exp() * logp).sum(-1) * mask).sum()
@@ -349,12 +342,12 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
                            eos_token_id=stops, num_return_sequences=num_generations,
                            **({"cache_implementation": "static"} if static_cache else {}),
                            **({} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)))
-    tok.padding_side = "left"
     prompt_ids, completion_ids, truncated, texts, index = [], [], [], [], []
     step = batch_prompts or len(prompts)
     for start in range(0, len(prompts), step):
-        enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
+        # left padding for this call only (every prompt then ends at one column); the tokenizer keeps its side
+        enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=False).to(model.device)
         # HF would step FSDP ranks in lockstep (synced_gpus); the weights are `gathered`: each rank goes alone
         out = model.generate(**enc, generation_config=gen, synced_gpus=False).cpu()
         width = enc["input_ids"].shape[1]
@@ -403,9 +396,7 @@ def sample_and_score(cfg, policy, tok, prompts, answers):
     policy.eval()
     t0 = time.perf_counter()
     with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
-        rollouts = sample_groups(policy, tok, prompts, cfg.num_generations, cfg.max_completion_length,
-                                 cfg.generation_batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, static_cache=cfg.static_cache)
+        rollouts = sample(cfg, policy, tok, prompts)
         t1 = time.perf_counter()
         correct = grade(rollouts, prompts, answers, cfg.answer_format) if answers is not None else None
         scored = compute_rewards(cfg, policy, rollouts, correct)
@@ -414,10 +405,19 @@ def sample_and_score(cfg, policy, tok, prompts, answers):
     return rollouts, scored, {"time/generate": t1 - t0, "time/reward": time.perf_counter() - t1}
 
 
+def sample(cfg, policy, tok, prompts):
+    """G completions of each prompt with the run's sampling settings."""
+    return sample_groups(policy, tok, prompts, cfg.num_generations, cfg.max_completion_length,
+                         cfg.generation_batch_size, temperature=cfg.temperature, top_k=cfg.top_k,
+                         top_p=cfg.top_p, static_cache=cfg.static_cache)
+
+
 def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wrapped=None):
     """The second half of a step: num_iterations optimiser steps on one batch of rollouts, each summing
     `normalised_loss` over micro-batches; returns the first iteration's metrics. `wrapped` is the module the
-    forward and backward run through (DDP or FSDP, see `parallelize`), the policy itself on one process."""
+    forward and backward run through (DDP or FSDP, see `parallelize`), the policy itself on one process.
+    A NaN/inf loss or gradient raises BadStepError before that iteration's optimiser and scheduler steps; the
+    iterations before it (num_iterations > 1) have updated the weights already, and their updates stay."""
     t0, wrapped = time.perf_counter(), wrapped or policy
     dev, world = policy.device, rank_and_world()[1]
     ids, adv = rollouts.input_ids.to(dev), advantages.to(dev)
@@ -429,7 +429,7 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
     # one iteration: the policy has not moved since sampling, so old = its own log-probs, detached (ratio 1)
     old_logps = logps_of(policy, ids, batches, cfg.temperature) if cfg.num_iterations > 1 else None
     t1 = time.perf_counter()
-    n_tokens, n_seqs = all_sum(mask.sum()).clamp(min=1), len(ids) * world
+    n_tokens, n_seqs, n_batches = all_sum(mask.sum()).clamp(min=1), len(ids) * world, len(batches) * world
     wrapped.train()
     for iteration in range(cfg.num_iterations):
         totals = {}
@@ -439,7 +439,7 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
                 old = logps.detach() if old_logps is None else old_logps[b]
                 per_token, kl, clipped = grpo_token_loss(logps, old, ref_logps[b], adv[b], cfg.epsilon,
                                                          cfg.epsilon_high, cfg.beta)
-                loss = normalised_loss(per_token, mask[b], cfg.loss_type, n_tokens, n_seqs)
+                loss = normalised_loss(per_token, mask[b], cfg.loss_type, n_tokens, n_seqs, n_batches)
                 (loss * world).backward()  # DDP and FSDP average the ranks' gradients: x world makes it a sum
             sums = {"loss": loss.detach(), "kl": (kl.detach() * mask[b]).sum(),
                     "clipped": (clipped.float() * mask[b]).sum(), "entropy": entropy(logits, mask[b])}
@@ -448,7 +448,8 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
         totals = {k: v.item() for k, v in sum_over_ranks(totals).items()}
         if not (math.isfinite(totals["loss"]) and math.isfinite(update_norm)):
             optimizer.zero_grad(set_to_none=True)
-            raise BadStepError(f"loss {totals['loss']} / gradient norm {update_norm} is NaN/inf")
+            raise BadStepError(f"loss {totals['loss']} / gradient norm {update_norm} is NaN/inf in iteration "
+                               f"{iteration + 1} of {cfg.num_iterations}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -470,7 +471,7 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapp
                               "truncated": rollouts.truncated, **scored})
     metrics = step_metrics(columns, cfg.num_generations)
     bad = [k for k in scored if not torch.isfinite(columns[k]).all()]
-    if bad:  # checked before ranking too: argsort turns NaN scores into finite, meaningless ranks
+    if bad:  # the scores too, not only the rewards: argsort turns NaN scores into finite, meaningless ranks
         raise BadStepError(f"{', '.join(bad)} has NaN/inf values")
     advantages = scored["advantage"]
     metrics.update(grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wrapped))
@@ -618,16 +619,20 @@ def auto_chunk_size(model, input_ids, method):
         per_sample = input_ids.shape[1] * 12 * c.vocab_size
     if method == "vmap":
         per_sample += 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return max(1, min(len(input_ids), int(free_memory(device) * 0.5 // per_sample)))
+
+
+def free_memory(device):
+    """Bytes free: CUDA's own count, or on a CPU psutil's (it comes with peft; Linux, macOS, Windows)."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, min(len(input_ids), int(free * 0.5 // per_sample)))
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
 
 
 def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
-    """score_of(model, ids, mask) by chunks of completions (each trimmed to its own padding); an
-    out-of-memory error halves the chunk and retries instead of ending the run."""
+    """score_of(model, ids, mask) by chunks of completions (each trimmed to its own padding); running out of
+    memory (CUDA, or a CPU allocation that fails) halves the chunk and retries instead of ending the run."""
     while True:
         try:
             out = []
@@ -636,8 +641,8 @@ def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
                 width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else ids.shape[1]
                 out.append(score_of(model, ids[:, :width], mask[:, :width]))
             return torch.cat(out)
-        except torch.OutOfMemoryError:
-            if chunk <= 1:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # the CPU allocator raises a RuntimeError
+            if chunk <= 1 or not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
                 raise
             chunk //= 2
             if torch.cuda.is_available():
@@ -677,13 +682,7 @@ def train(cfg: Config) -> dict:
     policy, tok, ref = load_policy(cfg, base, None if cfg.parallelism == "fsdp" else ckpt, device, dtype)
     wrapped = parallelize(cfg, policy, ref, dtype)
 
-    texts = [format_prompt(tok, p, cfg.system_prompt) for p in raw_prompts]
-    kept = [i for i, t in enumerate(texts)
-            if len(tok(t, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length]
-    prompts = [texts[i] for i in kept]
-    if not prompts:
-        raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
-    answers = [answers[i] for i in kept] if answers else None
+    prompts, answers = chat_prompts(cfg, tok, raw_prompts, answers)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     completions_path = os.path.join(run_dir, "completions.jsonl")
 
@@ -760,6 +759,16 @@ def train(cfg: Config) -> dict:
     return summary
 
 
+def chat_prompts(cfg, tok, questions, answers):
+    """(prompts in the chat template, their answers or None) without those longer than max_prompt_length."""
+    texts = [format_prompt(tok, q, cfg.system_prompt) for q in questions]
+    kept = [i for i, t in enumerate(texts)
+            if len(tok(t, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_length]
+    if not kept:
+        raise DataError(f"every prompt of {cfg.train_data['path']} is longer than max_prompt_length")
+    return [texts[i] for i in kept], [answers[i] for i in kept] if answers else None
+
+
 def completion_rows(step, columns):
     """completions.jsonl lines of one step: one JSON object per completion, plain ints, bools and floats."""
     as_json = {"length": int, "truncated": bool}  # the other tensor columns are floats
@@ -769,13 +778,10 @@ def completion_rows(step, columns):
 
 @torch.no_grad()
 def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
-    """On each held-out set, {"eval/<set>/<metric>": value} of greedy completions: accuracy, first_line
-    (accuracy of the text before the first newline: the synthetic task's first solution, where a base model
-    writes on), stopped (share that ended with a stop token) and mean_length; with samples = k, also of k
-    sampled completions per prompt: mean@k (their accuracy), pass@k (one of k correct: what RL could reach)
-    and maj@k (the most frequent answer is correct: self-consistency). Under torchrun rank r takes batches
-    r, r + N, ... of eval_batch_size prompts (the very batches of one process, so greedy results equal its
-    own) and the counts are summed over ranks."""
+    """{"eval/<set>/<metric>": value} on each held-out set: of greedy completions, accuracy, first_line (of
+    the text before the first newline), stopped and mean_length; with samples = k, of k sampled ones, mean@k,
+    pass@k and maj@k (EXPLAINED says what each is). Under torchrun rank r takes batches r, r + N, ... of
+    eval_batch_size prompts (one process's very batches: greedy results equal its own); counts are summed."""
     batch, out, k = cfg.eval_batch_size, {}, samples
     model.eval()
     for spec, questions, gold in eval_sets:
@@ -1058,20 +1064,13 @@ def warmstart_sequence(cfg, rows, rng, tok, length):
     solution, EOS after the answer, loss on the solution only. base: documents packed end to end up to
     `length` tokens; a document holds a geometric number of problems (mean doc_problems), one solved problem
     per line, EOS only at its end; loss on every token (the problems' text weighted by prompt_weight), and a
-    share wrong_share of its answers is off by one. A share text_share of the lines after the first are random
-    characters instead."""
+    share wrong_share of its answers is off by one."""
     base, ids, weights = cfg.task == "base", [], []
     while not ids or (base and len(ids) < length):
         count = 1
         while base and rng.random() > 1 / cfg.doc_problems:
             count += 1
-        for i, r in enumerate(rng.sample(rows, count)):
-            if i and cfg.text_share and rng.random() < cfg.text_share:
-                chars = [chr(rng.randint(32, 126)) for _ in range(rng.randint(5, 20))]  # printable ASCII
-                text = tok.convert_tokens_to_ids(chars)
-                ids += text + tok.convert_tokens_to_ids(["\n"])
-                weights += [cfg.prompt_weight] * len(text) + [1.0]
-                continue
+        for r in rng.sample(rows, count):
             solution = r["answer"] if rng.random() < cfg.direct_share else r["solution"]
             if base and rng.random() < cfg.wrong_share:
                 head, comma, last = solution.rpartition(",")
@@ -1095,7 +1094,7 @@ def tiny_base_model(cfg: Config) -> str:
     arch, rows = json.load(open(arch_path)), synthetic_split("warmstart")
     shaped_by = [arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, cfg.direct_share, cfg.task]
     if cfg.task == "base":
-        shaped_by += [cfg.doc_problems, cfg.wrong_share, cfg.prompt_weight, cfg.text_share]
+        shaped_by += [cfg.doc_problems, cfg.wrong_share, cfg.prompt_weight]
     key = hashlib.sha256(json.dumps(shaped_by).encode()).hexdigest()[:12]
     folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -1142,12 +1141,12 @@ def load_model(path_or_name: str, cfg: Config, device, dtype):
     return model.to(device).eval(), tok
 
 
-def load_policy(cfg, base, ckpt, device, dtype):
-    """(policy, tokenizer, frozen reference); with LoRA the reference is None (the policy with its adapter
-    off). The policy keeps float32 master weights; the frozen reference is stored in the compute dtype."""
+def load_policy(cfg, base, ckpt, device, dtype, reference=True):
+    """(policy, tokenizer, frozen reference); with LoRA (or reference=False) the reference is None (the policy
+    with its adapter off). The policy keeps float32 master weights; the reference is in the compute dtype."""
     if not cfg.lora_r:
         policy, tok = load_model(ckpt or base, cfg, device, torch.float32)
-        ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False)
+        ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False) if reference else None
     else:
         from peft import LoraConfig, PeftModel, get_peft_model
         model, tok = load_model(base, cfg, device, torch.float32)
@@ -1190,8 +1189,8 @@ COMMANDS_HELP = """commands:
   torchrun --nproc_per_node N vigor.py [...]                    train on N processes (parallelism)
   python vigor.py study [--seeds 7,8,9] [--regimes base,sft] [--rows ...] [--lrs 2e-4,1e-4,...] [...]
                                                                 every reward, both regimes, every lr
+  python vigor.py signal [--prompts 64] [--scores ...] [...]   every score on one set of rollouts, no training
   python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...      the paper's analyses of a run
-  python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts ...]  the reward pass's methods side by side
 Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
 
 
@@ -1293,6 +1292,9 @@ def validate(cfg: Config):
         (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
         (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
          "report_to: tensorboard needs the tensorboard package: pip install tensorboard"),
+        (cfg.reward_params != "lm_head" or not cfg.lora_r, "reward_params lm_head measures the LM head's "
+         "gradient, and LoRA freezes the head (its adapters sit in the decoder): with lora_r > 0 use "
+         "reward_params all, the norm over the LoRA parameters"),
         (cfg.parallelism != "fsdp" or not cfg.lora_r, "parallelism fsdp shards a full fine-tune; with LoRA "
          "use ddp (the frozen base is then replicated and only the adapter is trained)"),
         (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
@@ -1481,9 +1483,12 @@ def log_metrics(path, writer, row):
 
 
 def truncate_jsonl(path, last_step):
-    """Drop lines of steps after `last_step` and the final evaluation (they are redone after a resume)."""
+    """Keep the lines (judged by their parsed fields, never their text) of the steps up to the checkpoint's,
+    not the final evaluation's: a resumed run redoes the rest. No checkpoint (last_step 0): none is kept."""
     if os.path.isfile(path):
-        keep = [line for line in open(path) if json.loads(line)["step"] <= last_step and "final" not in line]
+        lines = open(path).readlines()
+        keep = [line for line, row in zip(lines, map(json.loads, lines))
+                if last_step and row["step"] <= last_step and not row.get("final")]
         write_text_atomically(path, "".join(keep))
 
 
@@ -1588,9 +1593,10 @@ def check_run_dir(cfg: Config):
                               "delete the folder")
         old = json.load(open(saved))
         diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "resume" and old.get(k) != v)
-        if diff:
-            raise ConfigError(f"run folder {run_dir} holds a run with other settings ({', '.join(diff)}); "
-                              "choose another --run_name or delete the folder")
+        if diff:  # a finished run is not extended: its cosine schedule ends at its own last step
+            what = "; a run's steps are fixed (its lr schedule spans them): to train longer, start a new run"
+            raise ConfigError(f"run folder {run_dir} holds a run with other settings ({', '.join(diff)})"
+                              f"{what * ('steps' in diff)}; choose another --run_name or delete the folder")
     elif os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"{run_dir} exists and is not a vigor run folder (no config.json); refusing to "
                           "write there")
@@ -1668,16 +1674,17 @@ def length_bias(run_dir, bins=4):
     return slope, table
 
 
-def accuracy_by_rank(rows, G):
-    """Fraction correct at each within-group rank of the logged score ([G], index 0 = the best-scored), with
-    training's ranks and ties: each group puts one completion at each rank."""
-    hits, groups = torch.zeros(G), 0
-    for g in range(0, len(rows) - G + 1, G):
-        rewards = rank_rewards(torch.tensor([r["score"] for r in rows[g:g + G]]), G)
-        from_best = ((1 - rewards) * (G - 1) / 2).round().long()  # R = +1 -> 0, R = -1 -> G-1
-        hits[from_best] += torch.tensor([float(r["correct"]) for r in rows[g:g + G]])
-        groups += 1
-    return (hits / max(groups, 1)).tolist()
+def correct_by_rank(scores, correct, G):
+    """[groups, G]: is each group's completion at each rank of the score correct (column 0: the best-scored),
+    with training's ranks and ties (`rank_rewards`): each group puts one completion at each rank."""
+    rewards = rank_rewards(scores, G).view(-1, G)
+    from_best = ((1 - rewards) * (G - 1) / 2).round().long()  # R = +1 -> 0, R = -1 -> G-1
+    return torch.zeros_like(rewards).scatter_(1, from_best, correct.view(-1, G).float())
+
+
+def accuracy_by_rank(scores, correct, G):
+    """Fraction correct at each within-group rank of the score: [G], index 0 = the best-scored."""
+    return correct_by_rank(scores, correct, G).mean(0).tolist()
 
 
 def rank_correctness(run_dir, fraction=0.2):
@@ -1686,7 +1693,12 @@ def rank_correctness(run_dir, fraction=0.2):
     G, rows = logged_completions(run_dir, "correct")
     steps = sorted({r["step"] for r in rows})
     k = max(1, int(len(steps) * fraction))
-    table = {when: accuracy_by_rank([r for r in rows if r["step"] in chosen], G)
+
+    def by_rank(chosen):
+        rows_of = [r for r in rows if r["step"] in chosen]
+        return accuracy_by_rank(torch.tensor([r["score"] for r in rows_of]),
+                                torch.tensor([float(r["correct"]) for r in rows_of]), G)
+    table = {when: by_rank(chosen)
              for when, chosen in (("step 1", steps[:1]), ("early", steps[:k]), ("late", steps[-k:]))}
     print_table(f"rank vs correctness, {run_dir} (early/late: first/last {fraction:.0%} of steps)",
                 ["rank (1 = best score)", *table], [(i + 1, *(t[i] for t in table.values()))
@@ -1798,8 +1810,8 @@ def regime_config(regime, argv):
 
 def study_tables(regime, runs, seeds, k, reported, chosen):
     """The tables of one regime from its run folders, {(row, lr): one per seed}: the starting model, the
-    step-size rule (when gt and random ran), greedy gain by reward x lr, every cell in detail, accuracy by
-    rank, and the paper's claims at each lr. Returns (their text, {(row, lr): greedy gain per seed})."""
+    step-size rule (when gt and random ran), greedy gain by reward x lr, every cell in detail, and the
+    paper's claims at each lr. Returns (their text, {(row, lr): greedy gain per seed})."""
     logs = {cell: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for cell, dirs in runs.items()}
     test, val = f"eval/{reported}/", "eval/validation/"
     lrs = sorted({lr for _, lr in logs}, reverse=True)
@@ -1810,16 +1822,9 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     def over_seeds(cell, value_of, *fmt):  # mean_sd of value_of(one seed's metrics lines)
         return mean_sd([value_of(log) for log in logs[cell]], *fmt)
 
-    def final(key):
-        return lambda log: log[-1][test + key]
-
     def gain(key):  # the final model's minus the starting model's, on the reported set
         return lambda log: log[-1][test + key] - log[0][test + key]
-
-    def length(last):
-        return lambda log: window_mean(log, "completions/mean_length", last)
     gains = {cell: [gain("accuracy")(log) for log in logs[cell]] for cell in cells}
-    peaks = {cell: [peak(log, val + "accuracy", test + "accuracy") for log in logs[cell]] for cell in cells}
     with contextlib.redirect_stdout(io.StringIO()):  # the tables of each run would drown the summary
         ranks = {cell: [rank_correctness(d) for d in runs[cell]] for cell in cells}
         slopes = {cell: [length_bias(d)[0] for d in runs[cell]] for cell in cells
@@ -1834,37 +1839,33 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
         text += "\n\n" + print_table(
             f"{regime}: the step-size rule on the {reported} set: the largest lr at which random's greedy "
             "gain, averaged over the seeds, is >= -2.5 points and gt gains >= 3 points on every seed -> "
-            f"{lr_text(rule) if rule else 'no lr qualifies'}",
-            ["lr", "random: gain per seed (points)", "mean", "gt: gain per seed", "min", "both hold"],
+            f"{lr_text(rule) if rule else 'no lr qualifies'}", ["lr", "random: gain per seed (points)",
+            "mean", "gt: gain per seed", "both hold"],
             [(col[lr], per_seed_text(gains["random", lr]),
               per_seed_text([sum(gains["random", lr]) / len(seeds)]), per_seed_text(gains["gt", lr]),
-              per_seed_text([min(gains["gt", lr])]),
-              "yes" if step_size_rule({c: g for c, g in gains.items() if c[1] == lr}) else "no")
-             for lr in both])
+              "yes" if step_size_rule({c: gains[c] for c in cells if c[1] == lr}) else "no") for lr in both])
     text += "\n\n" + print_table(
         f"{regime}: greedy gain on {reported} over the starting model, points, mean ± sd over seeds {seeds}",
-        ["reward", *col.values()],
-        [(name, *(mean_sd(gains[name, lr], 100, "+.1f") if (name, lr) in gains else "" for lr in lrs))
-         for name in names])
+        ["reward", *col.values()], [(name, *(mean_sd(gains[name, lr], 100, "+.1f") if (name, lr) in gains
+                                            else "" for lr in lrs)) for name in names])
+
     def detail(cell):
-        return (cell[0], col[cell[1]], over_seeds(cell, final("accuracy")), mean_sd(gains[cell], 100, "+.1f"),
-                over_seeds(cell, final(f"mean@{k}")), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
-                over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".3g"),
-                mean_sd([p[0] for p in peaks[cell]]), ", ".join(str(p[1]) for p in peaks[cell]),
-                f"{over_seeds(cell, length(False), 1)} -> {over_seeds(cell, length(True), 1)}")
+        peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[cell]]
+        rank_1_and_g = [" / ".join(f"{100 * sum(r[when][i] for r in ranks[cell]) / len(seeds):.0f}"
+                                   for i in (0, -1)) for when in ("step 1", "early")]
+        return (cell[0], col[cell[1]], over_seeds(cell, lambda log: log[-1][test + "accuracy"]),
+                mean_sd(gains[cell], 100, "+.1f"), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
+                over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"),
+                f"{mean_sd([p[0] for p in peaks])} ({', '.join(str(p[1]) for p in peaks)})", *rank_1_and_g,
+                " -> ".join(over_seeds(cell, lambda log: window_mean(log, "completions/mean_length", last), 1)
+                            for last in (False, True)))
     text += "\n\n" + print_table(
-        f"{regime}: every cell: the final model on {reported} (%; gains in points), KL to the reference, the "
-        "peak chosen on validation (the authors' kind of selection), completion length",
-        ["reward", "lr", "greedy, final", "gain", f"mean@{k}, final", f"mean@{k} gain",
-         "KL, last 20% of steps", "greedy at the validation peak", "peak steps",
+        f"{regime}: every cell on {reported}, mean ± sd over seeds: the final model (%; gains in points), "
+        "KL to the reference, the peak chosen on validation (the authors' kind of selection) and its steps, "
+        "% of groups whose best- and worst-scored completions are correct (rank 1 / rank G), length",
+        ["reward", "lr", "greedy, final", "gain", f"mean@{k} gain", "KL, last 20% of steps",
+         "greedy at the validation peak (steps)", "rank 1 / G, step 1", "rank 1 / G, first 20% of steps",
          "mean length, first -> last 20% of steps"], [detail(cell) for cell in cells])
-    when = {"step 1": "step 1", "early": "first 20%", "late": "last 20%"}
-    text += "\n\n" + print_table(
-        f"{regime}: % of groups whose best-scored (rank 1) and worst-scored (rank G) completion is correct, "
-        "on the rollouts of step 1 (sampled from the starting model), of the first and the last 20% of steps",
-        ["reward", "lr", *(f"rank {r}, {w}" for w in when.values() for r in (1, "G"))],
-        [(name, col[lr], *(mean_sd([r[w][i] for r in ranks[name, lr]]) for w in when for i in (0, -1)))
-         for name, lr in cells])
     claims = []  # (claim, lr, per-seed values)
     for lr in [lr for lr in lrs if ("vigor", lr) in gains]:
         vigor = gains["vigor", lr]
@@ -1886,24 +1887,24 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
 
 
 def plot_study(panels, path):
-    """study.png: per regime, greedy gain against lr (log scale), one line per reward with its seed spread
-    (min to max); the ablations, run at the chosen lr only, are points. Without matplotlib: says so."""
+    """study.png: per regime, greedy gain against lr (log scale), one line per reward with bars from the
+    seeds' minimum to their maximum; the ablations (the chosen lr only) are points. No matplotlib: says so."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed, so study.png was not drawn (pip install matplotlib); "
-              "the tables are in study.md")
+        print("matplotlib is not installed, so study.png was not drawn (pip install matplotlib); the tables "
+              "are in study.md")
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (regime, (gains, chosen)) in zip(axes[0], panels.items()):
         for name in dict.fromkeys(name for name, _ in gains):
             lrs = sorted(lr for n, lr in gains if n == name)
-            g = [torch.tensor(gains[name, lr], dtype=torch.float64) * 100 for lr in lrs]
-            mean, low, high = (torch.stack([f(x) for x in g]) for f in (torch.mean, torch.min, torch.max))
-            ax.errorbar(lrs, mean, yerr=torch.stack([mean - low, high - mean]), marker="o", capsize=3,
-                        label=name, ls="-" if len(lrs) > 1 else "none")
+            g = torch.tensor([gains[name, lr] for lr in lrs], dtype=torch.float64) * 100  # [lrs, seeds]
+            mean = g.mean(1)
+            ax.errorbar(lrs, mean, yerr=torch.stack([mean - g.amin(1), g.amax(1) - mean]), marker="o",
+                        capsize=3, label=name, ls="-" if len(lrs) > 1 else "none")
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(chosen, color="grey", ls=":", lw=1)
         ax.set(xscale="log", xlabel="learning rate (dotted: the chosen one)", ylabel="greedy gain (points)",
@@ -1915,117 +1916,94 @@ def plot_study(panels, path):
     print(f"wrote {path}")
 
 
-# --- Tools 2: benchmark of the reward pass, on random Qwen2.5-shaped weights ------------------------------
-
-BENCH_SHAPES = {  # Qwen2.5's hidden, intermediate, layers, heads, kv heads, vocab; completion lengths
-    "tiny": (64, 256, 2, 4, 2, 1000, (16, 64)),
-    "0.5b": (896, 4864, 24, 14, 2, 151936, (128, 512)),
-    "1.5b": (1536, 8960, 28, 12, 2, 151936, (256, 1024))}
-BENCH_PARTS = ("reward", "untied")
+# --- Tools 2: does the reward know? Every score on the same rollouts of the starting model, no training -----
+SIGNAL_SCORES = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "lm_head": {"reward_params": "lm_head"},
+                 "self_certainty": {"reward": "self_certainty"}, "random": {"reward": "random"}}
 
 
 @dataclass
-class BenchSettings:
-    shapes: str = arg("tiny", "comma-separated shapes: tiny (a CPU), 0.5b, 1.5b (Qwen2.5's, CUDA)")
-    parts: str = arg("reward,untied", "comma-separated: reward (tied embeddings, as Qwen2.5 to 3B), untied")
-    reps: int = arg(3, "timed calls after a warm-up call; the median is shown")
+class SignalSettings:
+    prompts: int = arg(64, "prompts to sample G completions of (the first ones of training's order)", ">= 1")
+    scores: str = arg(",".join(SIGNAL_SCORES), f"comma-separated scores, from {', '.join(SIGNAL_SCORES)} "
+                      "(random: the chance line)")
+    bootstrap: int = arg(2000, "bootstrap resamples of the groups for the 95% intervals", ">= 1")
 
 
-def random_model(shape, device, dtype, tied=True, attn="sdpa"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    h, inter, layers, heads, kv, vocab, _ = BENCH_SHAPES[shape]
-    arch = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                       rope_theta=1e6, tie_word_embeddings=tied, attn_implementation=attn, eos_token_id=0,
-                       pad_token_id=0)
-    with torch.device(device):
-        return Qwen2ForCausalLM(arch).to(dtype).eval()
+def rank_gap(by_rank, resamples, seed):
+    """Rank 1 minus rank G: the share of groups whose best-scored completion is correct minus the share whose
+    worst-scored one is, with its 95% percentile bootstrap interval over groups (seeded: reproducible)."""
+    gap = by_rank[:, 0] - by_rank[:, -1]  # [groups]: +1, 0 or -1
+    draws = torch.randint(len(gap), (resamples, len(gap)), generator=torch.Generator().manual_seed(seed))
+    low, high = torch.quantile(gap[draws].mean(1).double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return gap.mean().item(), low.item(), high.item()
 
 
-def timed(fn, reps, device):
-    """(median s of `reps` calls after a warm-up call, peak GiB, last result)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, result = [], None
-    for rep in range(reps + 1):
-        if rep == 1 and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        result = fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return sorted(times[1:])[reps // 2], peak, result
+def within_group_correlation(x, y, G):
+    """Pearson correlation of x and y after removing each group's means (nan if either never varies)."""
+    x, y = (v.double().view(-1, G) for v in (x, y))
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    return ((x * y).sum() / ((x * x).sum() * (y * y).sum()).sqrt()).item()
 
 
-def bench_reward(shape, device, dtype, reps, tied, G=8, prompt_len=128):
-    """Each way to get G per-completion norms, side by side with the floor: ONE batched forward+backward of
-    the same loss over the same tokens (what plain training pays). Last column: agreement with the authors'
-    loop."""
-    model = random_model(shape, device, dtype, tied, attn="eager" if device.type == "cpu" else "sdpa")
-    lo, hi = BENCH_SHAPES[shape][6]
-    seeded = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, BENCH_SHAPES[shape][5], (G, prompt_len + hi), generator=seeded)
-    mask = torch.zeros_like(ids)
-    for i, T in enumerate(torch.linspace(lo, hi, G).long().tolist()):
-        ids[i, prompt_len + T:] = 0
-        mask[i, prompt_len:prompt_len + T] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def nll(x, m):
-        return mean_nll(model(input_ids=x, use_cache=False).logits, x, m)
-
-    def floor():
-        nll(ids, mask).sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    def loop():  # the authors' way: batch 1, autograd.grad over all parameters
-        norms = []
-        for x, m in zip(ids, mask):
-            k = int(m.nonzero().max()) + 1
-            grads = torch.autograd.grad(nll(x[None, :k], m[None, :k]), params)
-            norms.append(sum(g.float().square().sum() for g in grads).sqrt())
-        return torch.stack(norms)
-    methods = {"floor: one batched forward+backward": floor, "loop, batch 1 (the authors' way)": loop,
-               "torch.func vmap, chunk_size 1": lambda: grad_norms(model, ids, mask, 1),
-               "torch.func vmap, chunk_size 8": lambda: grad_norms(model, ids, mask, 8),
-               "per-layer, one backward (per_layer)": lambda: per_layer_grad_norms(model, ids, mask),
-               "LM-head-only closed form (approximation)": lambda: lm_head_grad_norms(model, ids, mask)}
-    rows, ref = [], None
-    for name, fn in methods.items():
-        try:
-            t, peak, norms = timed(fn, reps, device)
-        except torch.OutOfMemoryError:
-            t, peak, norms = float("nan"), float("nan"), None
-            torch.cuda.empty_cache()
-        ref = norms if name.startswith("loop") else ref
-        diff = float("nan")
-        if norms is not None and ref is not None:
-            diff = ((norms.float() - ref.float()).abs() / ref.float()).max().item()
-        rows.append([name, t * 1e3, peak, f"{diff:.1e}"])
-    rows = [[n, t, t / rows[0][1], p, p / rows[0][2], d] for n, t, p, d in rows]
-    on = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print_table(f"reward pass, {shape} {'tied' if tied else 'untied'}, {dtype}, G={G}, prompt {prompt_len}, "
-                f"completions {lo}..{hi} on {on}",
-                ["method", "ms", "x floor", "peak GiB", "x floor mem", "max rel. diff vs loop"], rows)
-
-
-def bench(argv):
-    """python vigor.py bench [--shapes tiny,0.5b,1.5b] [--parts reward,untied] [--reps 3]: offline, on random
-    weights; medians after a warm-up, peak memory with the weights. Training logs the time of each part of
-    a step (time/generate, time/reward, time/reference, time/update) in metrics.jsonl."""
-    settings = parse_command_line(argv, "python vigor.py bench", BenchSettings)[0]
-    shapes, parts, reps = settings.shapes.split(","), settings.parts.split(","), settings.reps
-    for name, given, valid in (("shapes", shapes, BENCH_SHAPES), ("parts", parts, BENCH_PARTS)):
-        unknown = sorted(set(given) - set(valid))
-        if unknown:
-            raise ConfigError(f"--{name}: unknown {unknown}; valid: {', '.join(valid)}")
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for shape in shapes:
-        for part in parts:
-            bench_reward(shape, device, dtype, reps, tied=part == "reward")
+def signal(argv):
+    """python vigor.py signal [--prompts 64] [--scores ...] [--setting value ...]: before any training, does a
+    score rank a group's correct completions first? G completions of each prompt are sampled once from the
+    starting model, with the run's settings (model, data, G, sampling); every score is `compute_rewards`' on
+    those same rollouts, and every completion is graded with the data's answers. Prints per score the accuracy
+    at each within-group rank (1 = best), rank 1 minus rank G with a bootstrap interval over groups, and the
+    score's within-group correlation with length; writes signal.json and completions.jsonl in
+    <out_dir>/signal-<run_name>."""
+    settings, cfg = parse_command_line(argv, "python vigor.py signal", SignalSettings, Config)
+    names = settings.scores.split(",")
+    if set(names) - set(SIGNAL_SCORES):
+        raise ConfigError(f"signal: scores come from {list(SIGNAL_SCORES)}")
+    started, G = time.time(), cfg.num_generations
+    cfg = dataclasses.replace(cfg, run_name=f"signal-{cfg.run_name}", parallelism="ddp")  # one process (fsdp too)
+    device, dtype = setup_device(cfg)
+    questions, answers = load_prompts(cfg.train_data)
+    if answers is None:
+        raise DataError("signal grades every completion: set train_data.answer_column")
+    run_dir = check_run_dir(cfg)
+    base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
+    torch.manual_seed(cfg.seed)  # as `train`: the same seed samples the same rollouts as its first step
+    policy, tok, _ = load_policy(cfg, base, None, device, dtype, reference=False)
+    prompts, answers = chat_prompts(cfg, tok, questions, answers)
+    idx = prompt_batch(len(prompts), 0, settings.prompts, cfg.seed)
+    prompts, answers = [prompts[i] for i in idx], [answers[i] for i in idx]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        policy.eval()
+        rollouts = sample(cfg, policy, tok, prompts)
+        correct, scores = grade(rollouts, prompts, answers, cfg.answer_format), {}
+        for name in names:  # lora_r 0 in the copy: here lm_head is only a score, no frozen head is trained
+            settings_of = dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name])
+            scores[name] = compute_rewards(settings_of, policy, rollouts)["score"]
+    groups = correct.view(-1, G).sum(1)
+    report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(),
+              "mixed_groups": int(((groups > 0) & (groups < G)).sum()), "scores": {}}
+    for name, score in scores.items():
+        gap, low, high = rank_gap(correct_by_rank(score, correct, G), settings.bootstrap, cfg.seed)
+        report["scores"][name] = {"accuracy_by_rank": accuracy_by_rank(score, correct, G),
+                                  "rank_1_minus_rank_G": gap, "interval_95": [low, high],
+                                  "length_correlation": within_group_correlation(score, rollouts.lengths, G)}
+    report["wall_s"] = time.time() - started
+    write_config(run_dir, cfg)
+    write_text_atomically(os.path.join(run_dir, "signal.json"), json.dumps(report, indent=2))
+    columns = {"prompt": [prompts[i] for i in rollouts.prompt_index], "completion": rollouts.completions,
+               "length": rollouts.lengths, "truncated": rollouts.truncated, "correct": correct, **scores}
+    write_text_atomically(os.path.join(run_dir, "completions.jsonl"),
+                          "".join(json.dumps(r) + "\n" for r in completion_rows(0, columns)))
+    print_table(f"does the score rank correct completions first? {len(prompts)} prompts x G = {G} sampled "
+                f"once from {base}: {report['accuracy']:.1%} correct, {report['mixed_groups']} groups of "
+                f"{len(prompts)} hold both correct and wrong completions (only they can rank anything); % "
+                "correct at each within-group rank, rank 1 minus rank G with its 95% bootstrap interval over "
+                "groups, the score's within-group correlation with length",
+                ["score", *(f"rank {i + 1}" for i in range(G)), "rank 1 - rank G [95%]", "corr. with length"],
+                [(name, *(f"{100 * a:.1f}" for a in r["accuracy_by_rank"]),
+                  f"{100 * r['rank_1_minus_rank_G']:+.1f} [{100 * r['interval_95'][0]:+.1f}, "
+                  f"{100 * r['interval_95'][1]:+.1f}]", f"{r['length_correlation']:+.2f}")
+                 for name, r in report["scores"].items()])
+    print(f"signal done in {report['wall_s']:.0f} s -> {run_dir}/signal.json")
+    return report
 
 
 # --- Tools 3: the reward inside TRL's GRPOTrainer -----------------------------------------------------------
@@ -2083,7 +2061,7 @@ class TRLReward:
 
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],
             "rank-table": lambda dirs: [rank_correctness(d) for d in dirs],
-            "study": study, "bench": bench}
+            "study": study, "signal": signal}
 
 
 def main(argv=None):

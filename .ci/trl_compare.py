@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""vigor.py against stock TRL GRPOTrainer on the fine-tuned regime (task sft, 32 prompts per step), with the same
-settings and the same reward functions (gt, VIGOR through vigor.TRLReward, self-certainty), per seed; held-out greedy accuracy on the 500 test
-problems, graded by vigor.grade, after each trainer's run from the same warm start.
-Usage: python3 .ci/trl_compare.py OUT_DIR [--seeds 7,8,9] [--rewards gt,vigor,self_certainty] [--steps 150]"""
+"""vigor.py against stock TRL GRPOTrainer on the fine-tuned regime at its calibrated settings (tiny_configs/sft.yaml,
+lr 2e-5, 16 prompts x 8 per step, 100 steps), with the same settings and the same reward functions (gt, VIGOR through
+vigor.TRLReward, self-certainty), per seed; held-out greedy accuracy on the 500 test problems, graded by vigor.grade,
+after each trainer's run from the same warm start.
+Usage: python3 .ci/trl_compare.py OUT_DIR [--seeds 7,8,9] [--rewards gt,vigor,self_certainty]"""
 import argparse
 import json
 import os
@@ -17,9 +18,8 @@ import vigor  # noqa: E402
 
 
 def trl_run(cfg, reward, seed, out):
-    """TRL 1.16 GRPOTrainer with vigor.py's defaults spelled out (TRL's own defaults differ: loss_type dapo,
-    beta 0, top_k 0, gradient checkpointing on, and bf16, which applies on a CPU too: vigor.py computes in
-    float32 there)."""
+    """TRL 1.16 GRPOTrainer with vigor.py's defaults spelled out (TRL's own defaults differ: beta 0, top_k 0,
+    gradient checkpointing on, and bf16, which applies on a CPU too: vigor.py computes in float32 there)."""
 
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,16 +52,14 @@ def main():
     p.add_argument("out")
     p.add_argument("--seeds", default="7,8,9")
     p.add_argument("--rewards", default="gt,vigor,self_certainty")
-    p.add_argument("--steps", type=int, default=150)
     a = p.parse_args()
     results, path = {}, os.path.join(a.out, "trl_compare.json")
     if os.path.isfile(path):
         results = json.load(open(path))
     for seed in map(int, a.seeds.split(",")):
         for reward in a.rewards.split(","):
-            cfg = vigor.make_config({"seed": seed, "reward": reward, "steps": a.steps, "eval_samples": 0,
-                                     "task": "sft", "prompts_per_step": 32,  # the settings of the README's table
-                                     "out_dir": a.out, "run_name": f"vigorpy-{reward}-s{seed}"})
+            cfg = vigor.regime_config("sft", ["--seed", str(seed), "--reward", reward, "--eval_samples", "0",
+                                              "--out_dir", a.out, "--run_name", f"vigorpy-{reward}-s{seed}"])
             eval_sets = [(spec, *vigor.load_prompts(spec)) for spec in cfg.eval_data]
             for trainer in ("vigor.py", "TRL"):
                 key = f"{trainer}|{reward}|{seed}"
