@@ -1,5 +1,6 @@
 """Tests for vigor.py: formulas against hand-checked values, gradient norms against a float64 autograd
 loop, the training loop end to end, resume after SIGKILL, and every bad input. Run: pytest -q"""
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -1671,9 +1672,9 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
      "main", "mean score (uniform noise)"),
     ("python vigor.py --report_to tensorboard", f"python vigor.py --report_to tensorboard --run_name tb {SIZE}", "main",
      "VIGOR run done"),
-    ("python vigor.py signal", f"python vigor.py signal --prompts 4 {SIZE}", "main", "rank 1 - rank G [95%]"),
+    ("python vigor.py signal", f"python vigor.py signal --prompts 4 {SIZE}", "signal", "rank 1 - rank G [95%]"),
     ("python vigor.py signal --config tiny_configs/sft.yaml", f"python vigor.py signal --config tiny_configs/sft.yaml "
-     f"--prompts 4 {SIZE}", "main", "rank 1 - rank G [95%]"),
+     f"--prompts 4 {SIZE}", "signal", "rank 1 - rank G [95%]"),
     ("python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random --lrs 2e-4",
      f"python vigor.py study --seeds 7 --regimes base --rows gt,self_certainty,random --lrs 2e-4 {SIZE}", "study",
      "the step-size rule"),
@@ -1731,29 +1732,36 @@ def test_every_readme_command_is_run_by_a_test():
 
 def test_readme_commands_run_as_written(tmp_path):
     """Each README command in a folder like a user's (the repository's tiny_configs beside it), with only size
-    settings appended; commands that need the hub stop with a clear message here."""
+    settings appended; commands that need the hub stop with a clear message here. Folders run two at a time,
+    each process on one thread (two 2-thread processes on 2 cores take 3x as long as one, not 2x)."""
     python, script = shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "vigor.py"))
     torchrun = f"{python} -m torch.distributed.run --standalone"
-    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # as in CI: a hub is never reached
-    for readme, command, folder, expect in README_RUNS:
-        cwd = tmp_path / folder
-        if not cwd.exists():
-            cwd.mkdir()
-            (cwd / "tiny_configs").symlink_to(os.path.join(HERE, "tiny_configs"))
-            (cwd / "my_prompts.jsonl").write_text("".join(json.dumps({"question": q}) + "\n"
-                                                          for q in ("1+2=", "7-3+1=", "9-9=")))
-        shell = re.sub(r"^python vigor\.py", f"{python} {script}", command)
-        shell = re.sub(r"^torchrun (.*?)vigor\.py", rf"{torchrun} \1{script}", shell)
-        proc = subprocess.run(shell, shell=True, cwd=cwd, capture_output=True, text=True, timeout=600, env=offline)
-        out = proc.stdout + proc.stderr
-        if expect == OFFLINE:
-            assert proc.returncode != 0 and out.count("error: ") == 1 and OFFLINE in out, (readme, out[-2000:])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # no hub, as CI
 
-        else:
-            assert proc.returncode == 0 and expect in out, (readme, out[-3000:])
+    def run_folder(folder):
+        """The folder's commands in README order; returns (README command, output) of each one that failed."""
+        cwd = tmp_path / folder
+        cwd.mkdir()
+        (cwd / "tiny_configs").symlink_to(os.path.join(HERE, "tiny_configs"))
+        (cwd / "my_prompts.jsonl").write_text("".join(json.dumps({"question": q}) + "\n"
+                                                      for q in ("1+2=", "7-3+1=", "9-9=")))
+        failed = []
+        for readme, command, _, expect in [run for run in README_RUNS if run[2] == folder]:
+            shell = re.sub(r"^python vigor\.py", f"{python} {script}", command)
+            shell = re.sub(r"^torchrun (.*?)vigor\.py", rf"{torchrun} \1{script}", shell)
+            proc = subprocess.run(shell, shell=True, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+            out = proc.stdout + proc.stderr
+            ok = (proc.returncode != 0 and out.count("error: ") == 1 and OFFLINE in out if expect == OFFLINE
+                  else proc.returncode == 0 and expect in out)
+            failed += [] if ok else [(readme, out[-3000:])]
+        return failed
+
+    folders = list(dict.fromkeys(run[2] for run in README_RUNS))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        failed = [f for result in pool.map(run_folder, folders) for f in result]
+    assert not failed, failed
     tensorboard = shutil.which("tensorboard", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     with subprocess.Popen([tensorboard, "--logdir", "runs", "--port", "0", "--host", "127.0.0.1"], cwd=tmp_path / "main",
-
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as server:
         try:  # README: `tensorboard --logdir runs`, here on a free loopback port; it lists the run and its scalars
             for line in server.stdout:
@@ -1767,13 +1775,16 @@ def test_readme_commands_run_as_written(tmp_path):
             server.kill()
 
 
-@pytest.mark.parametrize("selection", ["rank", "per_layer or float64", "float64"])
-def test_readme_exercise_test_selections_select_tests(selection):
-    assert f'-k "{selection}"' in open(os.path.join(HERE, "README.md")).read() or f"-k {selection}" in \
-        open(os.path.join(HERE, "README.md")).read()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", selection,
-                           os.path.join(HERE, "test_vigor.py")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and re.search(r"(\d+)/\d+ tests collected", proc.stdout), proc.stdout[-1000:]
+def test_readme_exercise_test_selections_select_tests():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    selections = ["rank", "per_layer or float64", "float64"]
+    assert all(f'-k "{s}"' in readme or f"-k {s}" in readme for s in selections)
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", s,  # side by side:
+                               os.path.join(HERE, "test_vigor.py")], stdout=subprocess.PIPE, text=True)  # imports
+             for s in selections]
+    for proc in procs:
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0 and re.search(r"(\d+)/\d+ tests collected", out), out[-1000:]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
