@@ -1753,7 +1753,8 @@ def test_readme_commands_run_as_written(tmp_path):
             out = proc.stdout + proc.stderr
             ok = (proc.returncode != 0 and out.count("error: ") == 1 and OFFLINE in out if expect == OFFLINE
                   else proc.returncode == 0 and expect in out)
-            failed += [] if ok else [(readme, out[-3000:])]
+            if not ok:
+                failed.append((readme, out[-3000:]))
         return failed
 
     folders = list(dict.fromkeys(run[2] for run in README_RUNS))
@@ -1779,8 +1780,8 @@ def test_readme_exercise_test_selections_select_tests():
     readme = open(os.path.join(HERE, "README.md")).read()
     selections = ["rank", "per_layer or float64", "float64"]
     assert all(f'-k "{s}"' in readme or f"-k {s}" in readme for s in selections)
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", s,  # side by side:
-                               os.path.join(HERE, "test_vigor.py")], stdout=subprocess.PIPE, text=True)  # imports
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", s,  # side by side: each
+                               os.path.join(HERE, "test_vigor.py")], stdout=subprocess.PIPE, text=True)  # mostly imports
              for s in selections]
     for proc in procs:
         out = proc.communicate(timeout=300)[0]
