@@ -1548,6 +1548,18 @@ def test_torchrun_bad_input_stops_every_rank_with_one_message(out_dir, over, mes
     assert time.time() - t < 100 and not os.path.exists(os.path.join(out_dir, "bad"))
 
 
+def test_torchrun_bad_input_is_said_when_rank_0_gets_there_last(out_dir, tmp_path):
+    """torchrun ends every process once one exits with an error: a rank that fails first must not end rank 0
+    before rank 0 has said why (here rank 0 starts 3 s late)."""
+    late = tmp_path / "late_rank_0.py"
+    late.write_text(f"import os, sys, time\nif os.environ['RANK'] == '0':\n    time.sleep(3)\n"
+                    f"sys.path.insert(0, {HERE!r})\nimport vigor\nvigor.main()\n")
+    args = cli(out_dir, run_name="bad", prompts_per_step=3)
+    proc = subprocess.run(torchrun([args[0], str(late), *args[2:]]), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("error: ") == 1, proc.stderr[-2000:]
+    assert "must be a multiple of the 2 processes" in proc.stderr
+
+
 def test_fsdp_needs_torchrun(out_dir):
     with pytest.raises(vigor.ConfigError, match="torchrun --nproc_per_node N"):
         vigor.train(quick(out_dir, run_name="fsdp-alone", parallelism="fsdp", grad_norm_method="per_layer"))

@@ -2076,8 +2076,9 @@ def main(argv=None):
         else:
             train(load_config(args))
     except (ConfigError, DataError, BadStepError) as e:  # raised alike on every rank: rank 0 says it
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)):  # torchrun stops every process once one fails: wait for rank 0's
+            time.sleep(30)  # exit to stop this one; a rank that failed alone still says why
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
