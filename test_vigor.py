@@ -2,6 +2,7 @@
 loop, the training loop end to end, resume after SIGKILL, and every bad input. Run: pytest -q"""
 import concurrent.futures
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,9 @@ QUICK = {"warmstart_steps": 30, "steps": 6, "prompts_per_step": 4, "num_generati
          "lr": 1e-4, "max_completion_length": 12,
          "eval_data": [{"path": "synthetic", "split": "test", "answer_column": "answer", "limit": 16}]}
 TIMING = ("time/", "step_time", "gen/tokens_per_s")
+# .ci/run runs every test in a virtualenv made by the README's first command alone, then installs the optional
+# packages (trl, matplotlib) and runs these again: every test that skips without one is named here
+OPTIONAL_TESTS = "stock_trl or readme_trl or png"
 
 
 @pytest.fixture(scope="session")
@@ -211,11 +215,48 @@ def test_reward_pass_works_with_gradient_checkpointing_on(monkeypatch, out_dir, 
     assert len(runs_in_train_mode) == 2, "one micro-batch: a forward, then its recomputation in the backward"
 
 
+FAMILIES = {  # decoder families users try in 2026, as tiny random configs of the architectures transformers ships
+    "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),  # RMSNorm over each head: q_norm, k_norm
+    "Llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "Gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 16}),  # (1 + w), scaled rows
+}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_per_layer_norms_are_exact_on_every_decoder_family(family, tied):
+    import transformers
+    config, model_class, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    arch = getattr(transformers, config)(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=tied, attn_implementation="eager", **extra)
+    model = getattr(transformers, model_class)(arch).eval()
+    ids, mask = padded_batch()
+    ids[0, -1] = ids[0, 0]
+    want = loop_norms_float64(model, ids, mask)
+    assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+    assert torch.allclose(vigor.grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+    for name, p in model.named_parameters():  # the RMSNorms alone: in the whole model's norm they hide
+        p.requires_grad_("norm" in name)
+    want = loop_norms_float64(model, ids, mask)
+    assert torch.allclose(vigor.per_layer_grad_norms(model, ids, mask).double(), want, rtol=1e-4)
+
+
 def test_per_layer_refuses_parameters_it_cannot_handle():
     model = tiny_model(False)
     model.extra = torch.nn.Parameter(torch.zeros(3))  # a parameter outside Linear / RMSNorm / embedding
     ids, mask = padded_batch()
     with pytest.raises(ValueError, match="grad_norm_method=vmap"):
+        vigor.per_layer_grad_norms(model, ids, mask)
+
+    class Shifted(torch.nn.Embedding):  # an embedding that changes the rows it looks up: no rule for it
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+    model = tiny_model(False)
+    model.model.embed_tokens.__class__ = Shifted
+    with pytest.raises(ValueError, match="grad_norm_method=vmap for this model .Qwen2ForCausalLM"):
         vigor.per_layer_grad_norms(model, ids, mask)
 
 
@@ -442,6 +483,47 @@ def test_sampling_leaves_the_tokenizers_padding_side_alone(out_dir):
     assert tok.padding_side == "right"
     rollouts = vigor.sample_groups(model, tok, ["3+4=", "12-3+1="], 1, 4, greedy=True)
     assert tok.padding_side == "right" and rollouts.input_ids[0, 0] != tok.pad_token_id  # right-padded rows
+
+
+def argmax_decoding(model, tok, prompt, max_new_tokens):
+    """Greedy decoding by hand: the argmax of the model's logits, token by token, until a stop token."""
+    ids, stops = tok(prompt, add_special_tokens=False)["input_ids"], vigor.stop_token_ids(model, tok)
+    out = []
+    with torch.no_grad():
+        while len(out) < max_new_tokens and not (out and out[-1] in stops):
+            out.append(int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+def test_generation_uses_the_runs_settings_whatever_the_checkpoint_holds(out_dir):
+    """A checkpoint's generation_config.json with sampling defaults (Qwen2.5-Instruct ships a repetition penalty,
+    temperature, top-p, top-k) must not reach the rollouts or greedy evaluation: greedy equals argmax decoding by
+    hand, and the logits processors are only the run's, those of a checkpoint without such defaults."""
+    cfg = quick(out_dir)
+    model, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    prompts = [r["prompt"] for r in vigor.synthetic_split("test")[:6]]
+    seen, real = [], model._get_logits_processor
+
+    def spy(*args, **kwargs):
+        processors = real(*args, **kwargs)
+        seen.append(sorted(type(p).__name__ for p in processors))
+        return processors
+    model._get_logits_processor = spy
+
+    def both():
+        greedy = vigor.sample_groups(model, tok, prompts, 1, 12, greedy=True)
+        torch.manual_seed(3)
+        return greedy, vigor.sample_groups(model, tok, prompts, 4, 12, temperature=0.9, top_k=50)
+    clean = both()
+    model.generation_config.update(repetition_penalty=1.3, temperature=0.3, top_p=0.5, top_k=3,
+                                   no_repeat_ngram_size=2, min_new_tokens=6)
+    leaky = both()
+    assert seen[:2] == seen[2:] == [[], ["TemperatureLogitsWarper", "TopKLogitsWarper"]]
+    for got in (clean, leaky):
+        assert [r[m.bool()].tolist() for r, m in zip(got[0].input_ids, got[0].loss_mask)] == \
+            [argmax_decoding(model, tok, p, 12) for p in prompts]
+        assert torch.equal(got[1].input_ids, clean[1].input_ids), "sampling must not change either"
+    assert model.generation_config.repetition_penalty == 1.3, "the checkpoint's own config is left as it was"
 
 
 def test_truncated_completions_can_be_left_out_of_the_loss(monkeypatch, out_dir):
@@ -693,6 +775,27 @@ def test_latex_answers_are_graded_by_math_verify():
     assert not vigor.is_correct("$\\boxed{\\frac{1}{3}}$", "\\boxed{\\frac{1}{2}}", "boxed")
 
 
+@pytest.mark.parametrize("completion, gold", [("\\boxed{1/2}", "0.5"), ("\\boxed{3/4}", "0.75"),
+                                               ("\\boxed{2,1}", "1,2"), ("\\boxed{0.75}", "\\frac{3}{4}")])
+def test_equal_plain_answers_are_graded_equal(completion, gold):
+    """Plain answers that math-verify says are equal: a fraction and a decimal, an unordered list."""
+    assert vigor.is_correct(completion, gold, "boxed")
+
+
+def test_plain_numbers_and_the_synthetic_lists_stay_right_without_math_verify(monkeypatch):
+    """The synthetic task's `12,9` is a list of running totals, never 12.9; two plain numbers are compared as
+    floats alone (the fast path of every synthetic grade: math-verify is never asked)."""
+    assert not vigor.is_correct("\\boxed{12,9}", "9", "boxed") and not vigor.is_correct("\\boxed{12,9}", "12.9", "boxed")
+    assert not vigor.is_correct("\\boxed{1,2}", "1,2,3", "boxed")
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # importing it now fails
+    assert vigor.is_correct("7+5-3=12,9", "9") and not vigor.is_correct("12,9", "12")
+    assert vigor.is_correct("#### 1,000", "1000.0", "gsm8k") and not vigor.is_correct("#### 2", "-2", "gsm8k")
+    rows = vigor.synthetic_split("test")[:50]
+    ro = vigor.Rollouts(None, None, None, None, [r["solution"] for r in rows] + ["12,9"] * 50, list(range(50)) * 2)
+    grades = vigor.grade(ro, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    assert grades[:50].all() and grades[50:].sum() == sum(r["answer"] == "9" for r in rows)
+
+
 def chat_tokenizer():
     """A character tokenizer with Qwen-style turn markers and chat template, built here (no hub)."""
     tok = vigor.char_tokenizer()
@@ -823,6 +926,10 @@ def test_main_job_end_to_end_writes_the_run_folder(out_dir):
     assert "eval/test/accuracy" in metrics[0] and metrics[-1].get("final")
     comp = read_jsonl(os.path.join(run, "completions.jsonl"))
     assert len(comp) == 6 * 4 * 4 and {"grad_norm", "score", "reward", "advantage", "correct"} <= set(comp[0])
+    for m in steps:  # TRL's reward_std: the std of the step's rewards; ours within groups, under its own name
+        rewards = torch.tensor([r["reward"] for r in comp if r["step"] == m["step"]], dtype=torch.float64)
+        assert m["reward_std"] == pytest.approx(rewards.std().item(), rel=1e-5)
+        assert m["reward_std/within_group"] == pytest.approx(rewards.view(-1, 4).std(1).mean().item(), rel=1e-5)
     assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
 
 
@@ -1087,7 +1194,10 @@ def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
     for text in ("the starting model before RL", "maj@2", "rank 1 / G, step 1", "greedy at the validation peak",
                  "KL, last 20% of steps", "greedy gain on test over the starting model"):
         assert text in table and text in printed, text
-    assert os.path.isfile(os.path.join(out_dir, "study.png")) and "wrote " in printed
+    drawn = importlib.util.find_spec("matplotlib") is not None  # optional: the study works without it
+    png = os.path.join(out_dir, "study.png")
+    assert os.path.isfile(png) == drawn and (f"wrote {png}" in printed) == drawn
+    assert ("matplotlib is not installed" in printed) != drawn
     run = os.path.join(out_dir, "study-base-vigor-lr1e-04-s7")
     slope, bias = vigor.length_bias(run)
     assert len(bias) == 4 and 0 < sum(r[1] for r in bias) <= 3 * 4 * 4 and math.isfinite(slope)
@@ -1123,6 +1233,23 @@ def test_step_size_rule_by_hand():
 
 def test_claims_verdict_is_strict():
     assert [vigor.holds(v) for v in ([0.1, 0.2], [0.1, 0.0], [-0.1, 0.0], [0.0, 0.0])] == ["yes", "mixed", "NO", "NO"]
+
+
+def test_ci_reruns_every_test_that_skips_without_an_optional_package():
+    import inspect
+    needs = [name for name, fn in globals().items() if name.startswith("test_") and
+             name != "test_ci_reruns_every_test_that_skips_without_an_optional_package" and
+             "pytest.importorskip(" in inspect.getsource(fn)]
+    assert len(needs) == 3 and all(any(w in name for w in OPTIONAL_TESTS.split(" or ")) for name in needs), needs
+    assert 'OPTIONAL_TESTS = "' in open(__file__).read() and "OPTIONAL_TESTS" in open(os.path.join(HERE, ".ci", "run")).read()
+
+
+def test_study_png_is_drawn_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image  # matplotlib brings pillow
+    vigor.plot_study({"base": ({("gt", 1e-4): [0.1, 0.3], ("gt", 5e-5): [0.2, 0.0]}, 1e-4)}, str(tmp_path / "s.png"))
+    with Image.open(tmp_path / "s.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300
 
 
 def test_study_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
@@ -1322,7 +1449,8 @@ def test_lora_run_with_checkpointing_resumes_exactly(monkeypatch, out_dir):
 @pytest.mark.parametrize("method", ["vmap", "per_layer"])
 def test_bf16_autocast_run_keeps_float32_master_weights(monkeypatch, out_dir, method):
     """The CUDA default path (bf16 compute, fp32 weights) exercised on the CPU: the dtypes of the policy that
-    trains, at every step, and of the weights it saves."""
+    trains, at every step, and of the weights it saves; the reference is the starting policy, computed alike,
+    so the first step's KL is exactly 0 (a bf16 reference gave 0.004 per token)."""
     cfg = quick(out_dir, run_name=f"bf16-{method}", dtype="bfloat16", grad_norm_method=method, steps=2)
     seen, real_step = [], vigor.rl_step
 
@@ -1333,13 +1461,14 @@ def test_bf16_autocast_run_keeps_float32_master_weights(monkeypatch, out_dir, me
     out = vigor.train(cfg)
     assert len(seen) == 2
     for policy_dtypes, ref_dtypes in seen:
-        assert policy_dtypes == {torch.float32} and ref_dtypes == {torch.bfloat16}
+        assert policy_dtypes == ref_dtypes == {torch.float32}
     from safetensors.torch import load_file
     final = load_file(os.path.join(out_dir, f"bf16-{method}", "final", "model.safetensors"))
     start = load_file(os.path.join(vigor.tiny_base_model(cfg), "model.safetensors"))
     assert {t.dtype for t in final.values()} == {torch.float32} and any(not torch.equal(final[k], start[k]) for k in final)
     steps = [m for m in read_jsonl(os.path.join(out_dir, f"bf16-{method}", "metrics.jsonl")) if "kl" in m]
     assert len(steps) == 2 and all(math.isfinite(m["vigor/grad_norm_raw"]) for m in steps)
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0
     assert 0 <= out["after"]["eval/test/accuracy"] <= 1
     model, ids, mask = tiny_model(True), *padded_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # both methods agree under autocast too
@@ -1604,11 +1733,89 @@ def test_trl_adapter_refuses_what_it_cannot_do_correctly(out_dir):
         reward(["1+2="] * 6, ["3"] * 6, [[5, 1]] * 6)
     with pytest.raises(vigor.ConfigError, match="num_generations .G. must be >= 2"):
         vigor.TRLReward(policy, tok, 1)
+    with pytest.raises(vigor.ConfigError, match="num_generations .G. must be >= 2"):
+        vigor.TRLReward(policy, tok, types.SimpleNamespace(num_generations=4, num_generations_eval=1))
     with pytest.raises(vigor.ConfigError, match="intrinsic rewards"):
         vigor.TRLReward(policy, tok, 4, reward="gt")
-    next(policy.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 puts on each of the weights it shards
+    with pytest.raises(vigor.DataError, match="a prompt has no tokens"):  # a standard dataset's "" and no BOS
+        reward([""] * 4, [""] * 4, [[tok.eos_token_id]] * 4)
+    conversation, tool_turn = [{"role": "user", "content": "1+2="}], {"role": "tool", "content": "3"}
+    with pytest.raises(vigor.ConfigError, match="tools"):  # a completion that holds a tool's result
+        reward([conversation] * 4, [[{"role": "assistant", "content": "call"}, tool_turn]] * 4, [[5, 1]] * 4)
+
+    class Trainer:  # TRL hands reward functions bound methods of its trainer, whose tools render the prompt
+        tools = [len]
+
+        def log_metric(self, *args):
+            pass
+    with pytest.raises(vigor.ConfigError, match="tools"):
+        reward(["1+2="] * 4, ["3"] * 4, [[5, 1]] * 4, log_metric=Trainer().log_metric)
+    next(policy.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 puts on the weights it shards, after the adapter
     with pytest.raises(vigor.ConfigError, match="ZeRO-3"):
-        vigor.TRLReward(policy, tok, 4)
+        reward(["1+2="] * 4, ["3"] * 4, [[5, 1]] * 4)
+
+
+def test_trl_adapter_refuses_weights_that_fsdp_sharded_after_it_was_made(tmp_path):
+    """FSDP2 shards the weights in place once the trainer is prepared: the adapter, made before, refuses them
+    when it is called (one process, gloo)."""
+    code = """
+import torch, torch.distributed as dist, vigor, test_vigor
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo", rank=0, world_size=1)
+model, tok = test_vigor.tiny_model(False, vocab=len(vigor.char_tokenizer())), vigor.char_tokenizer()
+reward = vigor.TRLReward(model, tok, 4)
+fully_shard(model)
+try:
+    reward(["1+2="] * 4, ["3"] * 4, [[5, 1]] * 4)
+except vigor.ConfigError as e:
+    print("refused:", e)
+dist.destroy_process_group()
+"""
+    env = {**os.environ, "PYTHONPATH": HERE, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29700 + os.getpid() % 200)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert "refused: TRLReward needs each process to hold the whole weights, and FSDP shards them" in proc.stdout, \
+        proc.stderr[-3000:]
+
+
+def test_trl_adapter_groups_evaluation_by_trls_eval_group_size(out_dir):
+    """TRL groups evaluation completions by num_generations_eval, and tells evaluation by model.training."""
+    cfg = quick(out_dir)
+    policy, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
+    prompts = [r["prompt"] for r in vigor.synthetic_split("train")[:3]]
+    torch.manual_seed(0)
+    rollouts = vigor.sample_groups(policy, tok, prompts, 2, 12, temperature=1.0)  # 3 groups of 2
+    reward = vigor.TRLReward(policy, tok, types.SimpleNamespace(num_generations=4, num_generations_eval=2))
+    policy.eval()
+    got = reward(*trl_call(cfg, rollouts, tok))
+    assert got == vigor.compute_rewards(quick(out_dir, num_generations=2), policy, rollouts)["reward"].tolist()
+    assert not policy.training
+    policy.train()
+    with pytest.raises(vigor.ConfigError, match="got 6 completions, not a multiple of G = 4"):
+        reward(*trl_call(cfg, rollouts, tok))
+
+
+def test_trl_adapter_renders_prompts_with_trls_chat_template_kwargs(monkeypatch):
+    """TRL renders conversational prompts with GRPOConfig's chat_template_kwargs (Qwen3's enable_thinking):
+    the adapter scores that prompt, not the template's default one."""
+    tok = chat_tokenizer()
+    tok.chat_template += "{% if add_generation_prompt and enable_thinking is false %}<think></think>{% endif %}"
+    model = tiny_model(False, vocab=len(tok))
+    conversations = [[{"role": "user", "content": q}] for q in ("1+2=", "4-3+2=") for _ in range(4)]
+    g = torch.Generator().manual_seed(0)
+    completion_ids = [torch.randint(3, 90, (n,), generator=g).tolist() + [tok.eos_token_id] for n in range(1, 9)]
+    cfg = vigor.make_config({"num_generations": 4, "grad_norm_method": "per_layer"})  # the adapter's defaults
+
+    def scores_on(**kwargs):  # compute_rewards on the prompt ids rendered as TRL renders them
+        ids = tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      **kwargs)["input_ids"]
+        ro = vigor.Rollouts.from_ids(ids, completion_ids, [False] * 8, ["c"] * 8, list(range(8)), 0)
+        return vigor.compute_rewards(cfg, model, ro)["score"].tolist()
+    want, default = scores_on(enable_thinking=False), scores_on()
+    seen, real = [], vigor.compute_rewards
+    monkeypatch.setattr(vigor, "compute_rewards", lambda *a: seen.append(real(*a)["score"].tolist()) or real(*a))
+    args = types.SimpleNamespace(num_generations=4, chat_template_kwargs={"enable_thinking": False})
+    vigor.TRLReward(model, tok, args)(conversations, ["c"] * 8, completion_ids)
+    assert seen == [want] and want != default
 
 
 @pytest.mark.parametrize("checkpointing, method", [(True, "per_layer"), (True, "vmap"), (False, "per_layer")])
@@ -1619,31 +1826,37 @@ def test_stock_trl_grpo_trainer_trains_with_the_adapter(out_dir, tmp_path, check
     cfg = quick(out_dir)
     policy, tok = vigor.load_model(vigor.tiny_base_model(cfg), cfg, torch.device("cpu"), torch.float32)
     before = [p.detach().clone() for p in policy.parameters()]
-    calls, reward = [], vigor.TRLReward(policy, tok, 4, grad_norm_method=method)
-
-    def recording(prompts, completions, completion_ids, **columns):
-        calls.append((completion_ids, reward(prompts, completions, completion_ids, **columns)))
-        return calls[-1][1]
-    recording.__name__ = "vigor"
+    evaluates = not checkpointing  # one variant also evaluates, with TRL's own eval group size
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=2,
                       max_completion_length=12, learning_rate=1e-3, beta=0.01, loss_type="bnpo", temperature=0.9,
                       top_k=50, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
-                      gradient_checkpointing=checkpointing)
+                      gradient_checkpointing=checkpointing, num_generations_eval=2, per_device_eval_batch_size=4,
+                      eval_strategy="steps" if evaluates else "no", eval_steps=2)
+    calls, reward = [], vigor.TRLReward(policy, tok, args, grad_norm_method=method)
+
+    def recording(prompts, completions, completion_ids, **columns):
+        calls.append((policy.training, completion_ids, reward(prompts, completions, completion_ids, **columns)))
+        return calls[-1][2]
+    recording.__name__ = "vigor"
     data = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in vigor.synthetic_split("train")[:8]])
-    trainer = GRPOTrainer(model=policy, reward_funcs=[recording], args=args, train_dataset=data, processing_class=tok)
+    trainer = GRPOTrainer(model=policy, reward_funcs=[recording], args=args, train_dataset=data, processing_class=tok,
+                          eval_dataset=data.select(range(2)) if evaluates else None)
     assert trainer.model is policy  # the adapter scores with the very model the trainer updates
     trainer.train()
-    assert len(calls) == 2 and any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert [training for training, _, _ in calls] == [True, True] + [False] * evaluates
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     distinct_groups = 0
-    for completion_ids, rewards in calls:
-        assert len(rewards) == 8 and all(c[-1] == tok.eos_token_id or len(c) == 12 for c in completion_ids)
-        for g in range(0, 8, 4):  # a group's rewards: the rank values, identical completions sharing their mean
-            ids, r = completion_ids[g:g + 4], rewards[g:g + 4]
+    for training, completion_ids, rewards in calls:
+        G = 4 if training else 2
+        assert len(rewards) == 8 if training else 4
+        assert all(c[-1] == tok.eos_token_id or len(c) == 12 for c in completion_ids)
+        for g in range(0, len(rewards), G):  # a group's rewards: the rank values, identical ones share their mean
+            ids, r = completion_ids[g:g + G], rewards[g:g + G]
             assert sum(r) == pytest.approx(0, abs=1e-6)
-            assert all(r[i] == r[j] for i in range(4) for j in range(4) if ids[i] == ids[j])
-            if len({tuple(c) for c in ids}) == 4:
+            assert all(r[i] == r[j] for i in range(G) for j in range(G) if ids[i] == ids[j])
+            if len({tuple(c) for c in ids}) == G:
                 distinct_groups += 1
-                assert sorted(r) == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+                assert sorted(r) == pytest.approx(torch.linspace(-1, 1, G).tolist())
     assert distinct_groups > 0
 
 

@@ -323,6 +323,10 @@ class Rollouts:
     @classmethod
     def from_ids(cls, prompt_ids, completion_ids, truncated, completions, prompt_index, pad_id):
         """Rows of prompt + completion ids (a completion keeps its stop token), masked on the completion."""
+        if not all(len(p) for p in prompt_ids):
+            raise DataError("a prompt has no tokens (an empty text, and a tokenizer that adds no BOS): "
+                            "nothing predicts a completion's first token, so its NLL cannot count it; give "
+                            "every prompt text, or start it with the tokenizer's BOS token")
         rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
         lengths = torch.tensor([len(c) for c in completion_ids])
@@ -337,7 +341,6 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
     time); a completion ends at its first stop token, which it keeps: the stop token counts in T."""
     from transformers import GenerationConfig
     stops = stop_token_ids(model, tok)
-    # a fresh GenerationConfig: hub models ship defaults (repetition penalty, top_p) we must not inherit
     gen = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                            eos_token_id=stops, num_return_sequences=num_generations,
                            **({"cache_implementation": "static"} if static_cache else {}),
@@ -349,7 +352,8 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
         enc = tok(prompts[start:start + step], return_tensors="pt", padding=True, padding_side="left",
                   add_special_tokens=False).to(model.device)
         # HF would step FSDP ranks in lockstep (synced_gpus); the weights are `gathered`: each rank goes alone
-        out = model.generate(**enc, generation_config=gen, synced_gpus=False).cpu()
+        with only_these_settings(model, gen):
+            out = model.generate(**enc, generation_config=gen, synced_gpus=False).cpu()
         width = enc["input_ids"].shape[1]
         for row, new in enumerate(out[:, width:].tolist()):
             p = row // num_generations
@@ -362,6 +366,24 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
             texts.append(tok.decode(completion[:-1] if ends else completion, skip_special_tokens=True))
             index.append(start + p)
     return Rollouts.from_ids(prompt_ids, completion_ids, truncated, texts, index, tok.pad_token_id)
+
+
+@contextlib.contextmanager
+def only_these_settings(model, gen):
+    """`generate` fills every field that its `generation_config` leaves unset from `model.generation_config`,
+    a checkpoint's generation_config.json (Qwen2.5-Instruct's repetition penalty, temperature, top-p, top-k):
+    rollouts would come from another distribution than the policy's, and greedy would not be greedy. While
+    it runs, the model's own config is `gen`, so only the run's settings shape the logits."""
+    from transformers import GenerationConfig
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in owners]
+    try:
+        for m in owners:
+            m.generation_config = gen
+        yield
+    finally:
+        for m, config in zip(owners, saved):
+            m.generation_config = config
 
 
 def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
@@ -499,7 +521,8 @@ def logps_of(model, ids, batches, temperature):
 def step_metrics(columns, G):
     """TRL's metrics of a step's completions (every rank's): rewards, lengths, scores, sampled accuracy."""
     lengths, rewards = columns["length"].float(), columns["reward"].view(-1, G)
-    metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std(1).mean().item(),
+    metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),  # TRL's: over the step
+               "reward_std/within_group": rewards.std(1).mean().item(),  # what GRPO's advantage divides by
                "frac_reward_zero_std": (rewards.std(1) == 0).float().mean().item(),
                "score": columns["score"].mean().item(), "completions/mean_length": lengths.mean().item(),
                "completions/min_length": lengths.min().item(), "completions/max_length": lengths.max().item(),
@@ -544,10 +567,10 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
             late["q_at_ids"] = g.gather(2, input_ids[:, None, :].expand(B, L, L)).float()
             late["h"] = a.float()
 
-    def rms_norm(mod, x, g):
+    def rms_norm(mod, x, g):  # x [B, ..., d]: Qwen3's q_norm/k_norm act on [B, L, heads, head_dim]
         x = x.float()
-        xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + mod.variance_epsilon)
-        sq.add_((g.float() * xhat).sum(1).square().sum(1))
+        xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + rms_norm_eps(mod))
+        sq.add_((g.float() * xhat).flatten(1, -2).sum(1).square().sum(1))
 
     def on_forward(rule):
         def hook(mod, inputs, out):
@@ -558,19 +581,21 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
             out.register_hook(lambda g: rule(mod, a, g))
         return hook
 
-    covered = {id(emb.weight)} & trainable
+    scale = getattr(emb, "embed_scale", 1.0)  # Gemma's embedding multiplies the rows it looks up by this
+    known = type(emb) is torch.nn.Embedding or hasattr(emb, "embed_scale")
+    covered = {id(emb.weight)} & trainable if known else set()
     for mod in model.modules():
         own = {id(p) for p in mod.parameters(recurse=False)} & trainable
         if own and isinstance(mod, torch.nn.Linear):
             hooks.append(mod.register_forward_hook(on_forward(linear)))
-        elif own and hasattr(mod, "variance_epsilon"):  # RMSNorm, in every Qwen2/Llama-style model
+        elif own and rms_norm_eps(mod) is not None:
             hooks.append(mod.register_forward_hook(on_forward(rms_norm)))
         else:
             continue
         covered |= own
     if trainable - covered:
         raise ValueError("per_layer_grad_norms handles Linear, RMSNorm and embedding parameters only; "
-                         "use grad_norm_method=vmap for this model")
+                         f"use grad_norm_method=vmap for this model ({type(model).__name__})")
     flat = [p for p in model.parameters() if p.requires_grad]
     try:
         for p in flat:
@@ -578,6 +603,7 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         x = emb(input_ids).detach().requires_grad_(True)  # the one leaf: every activation gets a gradient
         per_sample = mean_nll(model(inputs_embeds=x, use_cache=False).logits, input_ids, loss_mask)
         (e,) = torch.autograd.grad(per_sample.sum(), x)
+        e = e * scale  # the gradient of the looked-up rows
     finally:
         for h in hooks:
             h.remove()
@@ -592,6 +618,14 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         if tied and "h" in late:
             sq += 2 * (late["q_at_ids"] * (late["h"] @ e.float().transpose(1, 2))).sum((1, 2))
     return sq.clamp(min=0).sqrt()
+
+
+def rms_norm_eps(mod):
+    """The epsilon of an RMSNorm (Qwen, Llama: variance_epsilon; Gemma: eps, with (1 + w), whose weight
+    gradient is the same sum of g * xhat), None for any other module."""
+    if type(mod).__name__.endswith("RMSNorm"):
+        return getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+    return None
 
 
 def lm_head_grad_norms(model, input_ids, loss_mask):
@@ -857,7 +891,7 @@ def print_summary(summary, metrics_path, cfg):
              "random": "uniform noise"}[cfg.reward]
     for key, what in [("completions/mean_length", "mean completion length (tokens)"),
                       ("score", f"mean score ({score})"),
-                      ("reward_std", "reward std within groups (the mean is 0 for rank rewards)"),
+                      ("reward_std/within_group", "reward std within groups (the mean is 0 for rank rewards)"),
                       ("kl", "KL to reference (k3, per token)"),
                       ("train/accuracy", "sampled-completion accuracy")]:
         if any(key in m for m in metrics):
@@ -1011,16 +1045,21 @@ def normalize_answer(answer):
         return s
 
 
+PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
 def is_correct(completion, gold, fmt="last_number"):
     """Is the completion's answer, read in format `fmt`, the gold answer? Equal after normalisation (numbers
-    as floats), else equal for math-verify, the grader of the authors and open-r1 (`\\frac12` = 0.5, tuples,
-    intervals, expressions). Plain numbers stay with the normaliser: math-verify reads "12,9" as 12.9."""
+    as floats), else equal for math-verify, the grader of the authors and open-r1 (`\\frac12` = 0.5, 3/4 =
+    0.75, `2,1` = `1,2` as sets, tuples, intervals, expressions; it reads "12,9" as the set {9, 12}). Two
+    plain numbers that differ as floats are unequal without asking it: the synthetic task's fast path."""
     pred, target = extract_answer(completion, fmt), gold_answer(gold.strip())
     if not pred or not target:
         return False
-    if normalize_answer(pred) == normalize_answer(target):
+    pred_n, target_n = normalize_answer(pred), normalize_answer(target)
+    if pred_n == target_n:
         return True
-    if not re.search(r"[\\^{}()\[\]a-zA-Z]", pred + target):
+    if PLAIN_NUMBER.fullmatch(pred_n) and PLAIN_NUMBER.fullmatch(target_n):
         return False
     from math_verify import parse, verify
     return bool(verify(parse(f"${target}$"), parse(f"${pred}$")))
@@ -1143,10 +1182,12 @@ def load_model(path_or_name: str, cfg: Config, device, dtype):
 
 def load_policy(cfg, base, ckpt, device, dtype, reference=True):
     """(policy, tokenizer, frozen reference); with LoRA (or reference=False) the reference is None (the policy
-    with its adapter off). The policy keeps float32 master weights; the reference is in the compute dtype."""
+    with its adapter off). Both keep float32 weights and compute in `dtype` under autocast, so at step 0 the
+    reference IS the policy: a bf16 copy would be another, differently rounded model (autocast keeps the
+    residual stream and RMSNorm of float32 weights in float32), and beta * KL would pull toward it."""
     if not cfg.lora_r:
         policy, tok = load_model(ckpt or base, cfg, device, torch.float32)
-        ref = load_model(base, cfg, device, dtype)[0].requires_grad_(False) if reference else None
+        ref = load_model(base, cfg, device, torch.float32)[0].requires_grad_(False) if reference else None
     else:
         from peft import LoraConfig, PeftModel, get_peft_model
         model, tok = load_model(base, cfg, device, torch.float32)
@@ -1401,8 +1442,8 @@ def parallelize(cfg, policy, ref, dtype):
         on_gpu = [policy.device] if policy.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(policy, device_ids=on_gpu)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    for model, mp in ((policy, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)),
-                      (ref, MixedPrecisionPolicy())):
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for model in (policy, ref):  # the same casts: at step 0 the reference computes what the policy does
         for layer in model.get_decoder().layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -1958,7 +1999,8 @@ def signal(argv):
     if set(names) - set(SIGNAL_SCORES):
         raise ConfigError(f"signal: scores come from {list(SIGNAL_SCORES)}")
     started, G = time.time(), cfg.num_generations
-    cfg = dataclasses.replace(cfg, run_name=f"signal-{cfg.run_name}", parallelism="ddp")  # one process (fsdp too)
+    # one process, whatever `parallelism` says
+    cfg = dataclasses.replace(cfg, run_name=f"signal-{cfg.run_name}", parallelism="ddp")
     device, dtype = setup_device(cfg)
     questions, answers = load_prompts(cfg.train_data)
     if answers is None:
@@ -2009,41 +2051,48 @@ def signal(argv):
 # --- Tools 3: the reward inside TRL's GRPOTrainer -----------------------------------------------------------
 class TRLReward:
     """VIGOR (or self-certainty) as a reward function for TRL's `GRPOTrainer` (pip install trl):
+        args = GRPOConfig(...)
         policy = AutoModelForCausalLM.from_pretrained(...)
-        GRPOTrainer(model=policy, reward_funcs=[vigor.TRLReward(policy, tokenizer, G)], args=GRPOConfig(...))
-    TRL calls it with the text prompts, the completions and their token ids (each group's G completions
+        GRPOTrainer(model=policy, reward_funcs=[vigor.TRLReward(policy, tokenizer, args)], args=args, ...)
+    TRL calls it with the prompts, the completions and their token ids (each group's G completions
     consecutive, each ending in its EOS) but not the model: the norms come from `model`, the very object the
-    trainer updates, under its current weights. Prompts are tokenized as TRL does; T counts the EOS."""
-    def __init__(self, model, tokenizer, num_generations, reward="vigor", sqrt_t=True, rank=True,
-                 reward_params="all", grad_norm_method="per_layer"):
-        if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 shards every weight
-            raise ConfigError("TRLReward needs each process to hold the whole weights, and DeepSpeed ZeRO-3 "
-                              "shards them: use ZeRO-2, DDP or one process")
+    trainer updates, under its current weights. `args` is the trainer's GRPOConfig (or G alone): from it the
+    adapter takes G, the evaluation's G (num_generations_eval, used while the model is in eval mode, as TRL
+    decides) and the chat_template_kwargs that TRL renders conversational prompts with, so it scores the
+    prompt TRL sampled from. T counts the EOS."""
+    def __init__(self, model, tokenizer, args, reward="vigor", sqrt_t=True, rank=True, reward_params="all",
+                 grad_norm_method="per_layer"):
         if reward == "gt":
             raise ConfigError("TRLReward computes the intrinsic rewards (vigor, self_certainty); for gold "
                               "answers give TRL a function that grades the completions")
-        settings = {"reward": reward, "sqrt_t": sqrt_t, "rank": rank, "reward_params": reward_params}
-        settings.update(num_generations=num_generations, grad_norm_method=grad_norm_method)
-        self.cfg = make_config(settings)
+        G = args if isinstance(args, int) else args.num_generations
+        self.chat_template_kwargs = getattr(args, "chat_template_kwargs", None) or {}
+        settings = {"reward": reward, "sqrt_t": sqrt_t, "rank": rank, "reward_params": reward_params,
+                    "grad_norm_method": grad_norm_method}
+        self.cfg = {True: make_config({**settings, "num_generations": G}),  # by model.training, as TRL
+                    False: make_config({**settings, "num_generations": getattr(args, "num_generations_eval",
+                                                                               None) or G})}
         self.model, self.tok, self.__name__ = model, tokenizer, reward  # TRL logs rewards/<__name__>
 
-    def __call__(self, prompts, completions, completion_ids, **dataset_columns):
-        G = self.cfg.num_generations
-        if not completion_ids or len(completion_ids) % G:
-            raise ConfigError(f"TRLReward got {len(completion_ids)} completions, not a multiple of G = {G}: "
-                              "give it GRPOConfig's num_generations")
+    def __call__(self, prompts, completions, completion_ids, **columns):
+        cfg = self.cfg[self.model.training]
+        G, n = cfg.num_generations, len(completion_ids)
+        refuse_what_trl_reward_cannot_score(self.model, completions, columns)
+        if not n or n % G:
+            raise ConfigError(f"TRLReward got {n} completions, not a multiple of G = {G}: give it the "
+                              "trainer's GRPOConfig (num_generations, num_generations_eval)")
         if isinstance(prompts[0], list):  # conversations: TRL renders the template with the generation prompt
             prompt_ids = self.tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]
+                                                      return_dict=True, **self.chat_template_kwargs)
+            prompt_ids = prompt_ids["input_ids"]
         else:
             prompt_ids = self.tok(text=prompts)["input_ids"]
-        n = len(completion_ids)
         rollouts = Rollouts.from_ids(prompt_ids, completion_ids, [False] * n, list(completions),
                                      list(range(n)), self.tok.pad_token_id or 0)
         # gradient checkpointing hooks the input embedding with requires_grad_(), which torch.func forbids
         # (transformers may register it several times): vmap runs without those hooks, put back afterwards
         hooks = self.model.get_input_embeddings()._forward_hooks
-        vmap = self.cfg.grad_norm_method == "vmap"
+        vmap = cfg.grad_norm_method == "vmap"
         lifted = {k: h for k, h in hooks.items()
                   if vmap and getattr(h, "__name__", "") == "make_inputs_require_grads"}
 
@@ -2053,10 +2102,29 @@ class TRLReward:
             for k in lifted:
                 del hooks[k]
             with torch.enable_grad():  # TRL scores under no_grad; per_layer takes one backward
-                return compute_rewards(self.cfg, self.model, rollouts)["reward"].tolist()
+                return compute_rewards(cfg, self.model, rollouts)["reward"].tolist()
         finally:
             hooks.update(lifted)
             self.model.train(was_training)
+
+
+def refuse_what_trl_reward_cannot_score(model, completions, columns):
+    """TRLReward needs the whole weights on this process (checked at each call: a trainer shards them after
+    the adapter is made) and the prompt as TRL rendered it: with tools, the prompt holds their schema and a
+    completion holds tool results that the model did not write, so it refuses tools."""
+    from torch.distributed.tensor import DTensor
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # what ZeRO-3 puts on each weight it shards
+        raise ConfigError("TRLReward needs each process to hold the whole weights, and DeepSpeed ZeRO-3 "
+                          "shards them: use ZeRO-2, DDP or one process")
+    if any(isinstance(p, DTensor) for p in model.parameters()) or \
+            any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ConfigError("TRLReward needs each process to hold the whole weights, and FSDP shards them: use "
+                          "DDP or one process (vigor.py's own trainer computes the norms under FSDP2)")
+    trainer = getattr(columns.get("log_metric"), "__self__", None)  # a bound method of TRL's trainer
+    tool_message = any(isinstance(c, list) and any(m.get("role") == "tool" for m in c) for c in completions)
+    if getattr(trainer, "tools", None) or columns.get("environments") is not None or tool_message:
+        raise ConfigError("TRLReward does not score runs with tools or environments: the prompt then holds "
+                          "the tools' schema and a completion their results, which the model did not write")
 
 
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],

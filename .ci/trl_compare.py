@@ -27,11 +27,6 @@ def trl_run(cfg, reward, seed, out):
     folder = vigor.tiny_base_model(cfg)
     policy, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     prompts, answers = vigor.load_prompts(cfg.train_data)
-
-    def gt(prompts, completions, answer, **kwargs):  # the gold-answer reward, graded like vigor.py's
-        return [float(vigor.is_correct(c, a)) for c, a in zip(completions, answer)]
-    rewards = {"gt": gt, "vigor": vigor.TRLReward(policy, tok, cfg.num_generations),
-               "self_certainty": vigor.TRLReward(policy, tok, cfg.num_generations, reward="self_certainty")}
     args = GRPOConfig(
         output_dir=out, seed=seed, max_steps=cfg.steps, num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, gradient_accumulation_steps=1,
@@ -41,6 +36,11 @@ def trl_run(cfg, reward, seed, out):
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, mask_truncated_completions=False, gradient_checkpointing=False,
         bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True)
+
+    def gt(prompts, completions, answer, **kwargs):  # the gold-answer reward, graded like vigor.py's
+        return [float(vigor.is_correct(c, a)) for c, a in zip(completions, answer)]
+    rewards = {"gt": gt, "vigor": vigor.TRLReward(policy, tok, args),
+               "self_certainty": vigor.TRLReward(policy, tok, args, reward="self_certainty")}
     data = datasets.Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
     GRPOTrainer(model=policy, reward_funcs=[rewards[reward]], args=args, train_dataset=data,
                 processing_class=tok).train()
