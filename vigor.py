@@ -37,6 +37,7 @@ What is simplified compared with the authors' code (open-r1 + a TRL fork), and w
 Run `python vigor.py --help` for every setting; README.md explains every printed number.
 """
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -50,6 +51,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -324,9 +326,8 @@ class Rollouts:
     def from_ids(cls, prompt_ids, completion_ids, truncated, completions, prompt_index, pad_id):
         """Rows of prompt + completion ids (a completion keeps its stop token), masked on the completion."""
         if not all(len(p) for p in prompt_ids):
-            raise DataError("a prompt has no tokens (an empty text, and a tokenizer that adds no BOS): "
-                            "nothing predicts a completion's first token, so its NLL cannot count it; give "
-                            "every prompt text, or start it with the tokenizer's BOS token")
+            raise DataError("a prompt has no tokens (an empty text, no BOS): nothing predicts a completion's "
+                            "first token, so its NLL cannot count it; give every prompt text or a BOS token")
         rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
         lengths = torch.tensor([len(c) for c in completion_ids])
@@ -370,12 +371,10 @@ def sample_groups(model, tok, prompts, num_generations, max_new_tokens, batch_pr
 
 @contextlib.contextmanager
 def only_these_settings(model, gen):
-    """`generate` fills every field that its `generation_config` leaves unset from `model.generation_config`,
-    a checkpoint's generation_config.json (Qwen2.5-Instruct's repetition penalty, temperature, top-p, top-k):
-    rollouts would come from another distribution than the policy's, and greedy would not be greedy. While
-    it runs, the model's own config is `gen`, so only the run's settings shape the logits."""
-    from transformers import GenerationConfig
-    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    """`generate` fills each field its `generation_config` leaves unset from `model.generation_config` (a hub
+    checkpoint's: Qwen2.5-Instruct's repetition penalty, temperature, top-p...), so rollouts would leave the
+    policy's distribution and greedy would not be greedy: while it runs, the model's own config is `gen`."""
+    owners = [m for m in model.modules() if vars(m).get("generation_config") is not None]  # not a wrapper's
     saved = [m.generation_config for m in owners]
     try:
         for m in owners:
@@ -551,16 +550,10 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
     B, L = input_ids.shape
     sq, late, hooks, seen = torch.zeros(B, device=input_ids.device), {}, [], set()
 
-    def gram(x):
-        return (x @ x.transpose(1, 2)).float()  # [B, L, L]
-
     def linear(mod, a, g):
         a = a.to(g.dtype)  # under autocast a layer's input can be fp32 while it computes (and g is) bf16
         if id(mod.weight) in trainable:
-            grams_cheaper = L * (a.shape[-1] + g.shape[-1]) < a.shape[-1] * g.shape[-1]  # FLOPs of each way
-            # matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation); squares sum in fp32
-            sq.add_((gram(a) * gram(g)).sum((1, 2)) if grams_cheaper else
-                    (g.transpose(1, 2) @ a).float().square().sum((1, 2)))
+            sq.add_(linear_grad_sq_norms(a, g))
         if mod.bias is not None and id(mod.bias) in trainable:
             sq.add_(g.float().sum(1).square().sum(1))
         if mod is head and tied:  # q_s[id_t] and h_s, for the cross term once e_t is known
@@ -618,6 +611,23 @@ def per_layer_grad_norms(model, input_ids, loss_mask):
         if tied and "h" in late:
             sq += 2 * (late["q_at_ids"] * (late["h"] @ e.float().transpose(1, 2))).sum((1, 2))
     return sq.clamp(min=0).sqrt()
+
+
+def gram(x):
+    """x x^T per sample: [B, L, d] -> [B, L, L], in float32."""
+    return (x @ x.transpose(1, 2)).float()
+
+
+def linear_grad_sq_norms(a, g):
+    """||sum_t g_t a_t^T||_F^2, one sample's squared gradient norm of a Linear weight, from the layer's inputs
+    a [B, L, din] and output gradients g [B, L, dout]: float32 [B]. Whichever costs fewer FLOPs:
+        = sum_{t,s} (a_t . a_s)(g_t . g_s)   two L x L Gram matrices (short rows), or
+        = ||g^T a||^2                         the dout x din gradient itself (long rows).
+    Matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation); squares sum in float32."""
+    L, din, dout = a.shape[1], a.shape[-1], g.shape[-1]
+    if L * (din + dout) < din * dout:
+        return (gram(a) * gram(g)).sum((1, 2))
+    return (g.transpose(1, 2) @ a).float().square().sum((1, 2))
 
 
 def rms_norm_eps(mod):
@@ -891,7 +901,7 @@ def print_summary(summary, metrics_path, cfg):
              "random": "uniform noise"}[cfg.reward]
     for key, what in [("completions/mean_length", "mean completion length (tokens)"),
                       ("score", f"mean score ({score})"),
-                      ("reward_std/within_group", "reward std within groups (the mean is 0 for rank rewards)"),
+                      ("reward_std/within_group", "reward std within groups (0 mean for rank rewards)"),
                       ("kl", "KL to reference (k3, per token)"),
                       ("train/accuracy", "sampled-completion accuracy")]:
         if any(key in m for m in metrics):
@@ -899,6 +909,24 @@ def print_summary(summary, metrics_path, cfg):
                   f"{window_mean(metrics, key):.4g}")
     print("  wrote config.json, metrics.jsonl, completions.jsonl, checkpoint-*/ and final/ in "
           f"{summary['run_dir']}")
+    print_group(summary["run_dir"], cfg.num_generations)
+
+
+def print_group(run_dir, G):
+    """One group of the last logged step, the method on real data: each completion's T, raw ||g||, score S,
+    reward R, advantage A and grade. The first group whose completions are not all graded alike, if any."""
+    rows = read_jsonl(os.path.join(run_dir, "completions.jsonl"))
+    if not rows:
+        return
+    last = [r for r in rows if r["step"] == rows[-1]["step"]]
+    groups = [last[i:i + G] for i in range(0, len(last), G)]
+    group = next((g for g in groups if len({r.get("correct") for r in g}) > 1), groups[0])
+    print_table(f"one group of step {group[0]['step']}, prompt {group[0]['prompt']!r}: T tokens (EOS "
+                "included), raw ||g||, S = -sqrt(T)*||g|| (or the reward's own score), reward R, advantage A",
+                ["T", "||g||", "S", "R", "A", "correct", "completion"],
+                [(r["length"], r.get("grad_norm", "-"), r["score"], r["reward"], r["advantage"],
+                  {1.0: "yes", 0.0: "no"}.get(r.get("correct"), "-"), repr(r["completion"][:48]))
+                 for r in group])
 
 
 # --- Data: the synthetic task, prompt loading through `datasets`, answer grading ----------------------------
@@ -1232,6 +1260,8 @@ COMMANDS_HELP = """commands:
                                                                 every reward, both regimes, every lr
   python vigor.py signal [--prompts 64] [--scores ...] [...]   every score on one set of rollouts, no training
   python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...      the paper's analyses of a run
+  python vigor.py plot RUN_DIR...                                training curves of runs, in plot.png
+  python vigor.py handout DIR  |  check [N]      a student copy with the exercises blank; grade exercise N
 Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
 
 
@@ -1792,17 +1822,6 @@ def holds(values):
     return "mixed" if min(values) <= 0 < max(values) else "yes" if min(values) > 0 else "NO"
 
 
-def step_size_rule(gains, tol=1e-9):
-    """The pre-registered choice of the step size, from the two controls alone: the largest lr at which the
-    random control does no detectable harm (its greedy gain, averaged over the seeds, is >= -2.5 points: about
-    two standard errors of a three-seed mean on 500 problems) and gt gains >= 3 points on every seed.
-    `gains`: {(row, lr): [greedy gain per seed, a fraction]}; None when no lr qualifies."""
-    def ok(lr):
-        random, gt = gains.get(("random", lr)), gains.get(("gt", lr))
-        return bool(random and gt) and sum(random) / len(random) >= -0.025 - tol and min(gt) >= 0.03 - tol
-    return max((lr for _, lr in gains if ok(lr)), default=None)
-
-
 def study(argv):
     """The paper's comparison in miniature, as a dose-response grid: per regime (the tiny model's warm start,
     `task`), every row at every lr of the grid (the ablations at the regime's own lr) over the seeds,
@@ -1850,9 +1869,9 @@ def regime_config(regime, argv):
 
 
 def study_tables(regime, runs, seeds, k, reported, chosen):
-    """The tables of one regime from its run folders, {(row, lr): one per seed}: the starting model, the
-    step-size rule (when gt and random ran), greedy gain by reward x lr, every cell in detail, and the
-    paper's claims at each lr. Returns (their text, {(row, lr): greedy gain per seed})."""
+    """The tables of one regime from its run folders, {(row, lr): one per seed}: the starting model, greedy
+    gain by reward x lr, every cell in detail, and the paper's claims at each lr. Returns (their text,
+    {(row, lr): greedy gain per seed})."""
     logs = {cell: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for cell, dirs in runs.items()}
     test, val = f"eval/{reported}/", "eval/validation/"
     lrs = sorted({lr for _, lr in logs}, reverse=True)
@@ -1874,17 +1893,6 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     text = print_table(f"{regime}: the starting model before RL, % of the {reported} set (mean ± sd over "
                        f"seeds {seeds})", keys, [[over_seeds(cells[0], lambda log: log[0][test + key])
                                                   for key in keys]])
-    both = [lr for lr in lrs if {("gt", lr), ("random", lr)} <= set(gains)]
-    if both:
-        rule = step_size_rule(gains)
-        text += "\n\n" + print_table(
-            f"{regime}: the step-size rule on the {reported} set: the largest lr at which random's greedy "
-            "gain, averaged over the seeds, is >= -2.5 points and gt gains >= 3 points on every seed -> "
-            f"{lr_text(rule) if rule else 'no lr qualifies'}", ["lr", "random: gain per seed (points)",
-            "mean", "gt: gain per seed", "both hold"],
-            [(col[lr], per_seed_text(gains["random", lr]),
-              per_seed_text([sum(gains["random", lr]) / len(seeds)]), per_seed_text(gains["gt", lr]),
-              "yes" if step_size_rule({c: gains[c] for c in cells if c[1] == lr}) else "no") for lr in both])
     text += "\n\n" + print_table(
         f"{regime}: greedy gain on {reported} over the starting model, points, mean ± sd over seeds {seeds}",
         ["reward", *col.values()], [(name, *(mean_sd(gains[name, lr], 100, "+.1f") if (name, lr) in gains
@@ -1927,34 +1935,66 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     return text, gains
 
 
-def plot_study(panels, path):
-    """study.png: per regime, greedy gain against lr (log scale), one line per reward with bars from the
-    seeds' minimum to their maximum; the ablations (the chosen lr only) are points. No matplotlib: says so."""
+@contextlib.contextmanager
+def figure(path, rows, cols, size):
+    """The axes [rows, cols] of a matplotlib figure that is saved to `path` on exit; None, after saying that
+    `path` was not drawn, without matplotlib (optional: every number it shows is in the tables and logs)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed, so study.png was not drawn (pip install matplotlib); the tables "
-              "are in study.md")
+        print(f"matplotlib is not installed, so {path} was not drawn (pip install matplotlib)")
+        yield None
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (regime, (gains, chosen)) in zip(axes[0], panels.items()):
-        for name in dict.fromkeys(name for name, _ in gains):
-            lrs = sorted(lr for n, lr in gains if n == name)
-            g = torch.tensor([gains[name, lr] for lr in lrs], dtype=torch.float64) * 100  # [lrs, seeds]
-            mean = g.mean(1)
-            ax.errorbar(lrs, mean, yerr=torch.stack([mean - g.amin(1), g.amax(1) - mean]), marker="o",
-                        capsize=3, label=name, ls="-" if len(lrs) > 1 else "none")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.axvline(chosen, color="grey", ls=":", lw=1)
-        ax.set(xscale="log", xlabel="learning rate (dotted: the chosen one)", ylabel="greedy gain (points)",
-               title=f"{regime}: gain over the starting model (bars: seeds' min to max)")
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    yield axes
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def plot_study(panels, path):
+    """study.png: per regime, greedy gain against lr (log scale), one line per reward with bars from the
+    seeds' minimum to their maximum; the ablations (the chosen lr only) are points."""
+    with figure(path, 1, len(panels), (6 * len(panels), 4.5)) as axes:
+        for ax, (regime, (gains, chosen)) in zip(axes[0] if axes is not None else [], panels.items()):
+            for name in dict.fromkeys(name for name, _ in gains):
+                lrs = sorted(lr for n, lr in gains if n == name)
+                g = torch.tensor([gains[name, lr] for lr in lrs], dtype=torch.float64) * 100  # [lrs, seeds]
+                mean = g.mean(1)
+                ax.errorbar(lrs, mean, yerr=torch.stack([mean - g.amin(1), g.amax(1) - mean]), marker="o",
+                            capsize=3, label=name, ls="-" if len(lrs) > 1 else "none")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axvline(chosen, color="grey", ls=":", lw=1)
+            ax.set(xscale="log", xlabel="learning rate (dotted: the chosen one)", ylabel="gain, points",
+                   title=f"{regime}: gain over the starting model (bars: seeds' min to max)")
+            ax.legend(fontsize=8)
+
+
+PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T", "kl":
+           "KL to the reference", "score": "mean score S", "train/accuracy": "sampled-completion accuracy",
+           "accuracy": "held-out greedy accuracy"}
+
+
+def plot(run_dirs):
+    """python vigor.py plot RUN [RUN ...]: each run's training curves from its metrics.jsonl, one line per run
+    (and eval set) in each panel of PLOTTED, drawn to plot.png beside the first run folder."""
+    if not run_dirs:
+        raise ConfigError("usage: python vigor.py plot RUN_DIR [RUN_DIR ...]")
+    logs = {os.path.basename(os.path.normpath(d)): read_jsonl(os.path.join(d, "metrics.jsonl"))
+            for d in run_dirs}
+    path = os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(run_dirs[0]))), "plot.png")
+    with figure(path, 2, 3, (16, 8)) as axes:
+        for ax, (key, title) in zip(axes.flat if axes is not None else [], PLOTTED.items()):
+            for run, log in logs.items():
+                for name in sorted({k for m in log for k in m if re.fullmatch(f"{key}|eval/[^/]+/{key}", k)}):
+                    steps, values = zip(*[(m["step"], m[name]) for m in log if name in m])
+                    ax.plot(steps, values, marker="o" if len(steps) < 20 else None,
+                            label=run if name == key else f"{run}: {name.split('/')[1]}")
+            ax.set(title=title, xlabel="RL step")
+            ax.legend(fontsize=7)
 
 
 # --- Tools 2: does the reward know? Every score on the same rollouts of the starting model, no training -----
@@ -1988,19 +2028,16 @@ def within_group_correlation(x, y, G):
 
 def signal(argv):
     """python vigor.py signal [--prompts 64] [--scores ...] [--setting value ...]: before any training, does a
-    score rank a group's correct completions first? G completions of each prompt are sampled once from the
-    starting model, with the run's settings (model, data, G, sampling); every score is `compute_rewards`' on
-    those same rollouts, and every completion is graded with the data's answers. Prints per score the accuracy
-    at each within-group rank (1 = best), rank 1 minus rank G with a bootstrap interval over groups, and the
-    score's within-group correlation with length; writes signal.json and completions.jsonl in
-    <out_dir>/signal-<run_name>."""
+    score rank a group's correct completions first? Every score (`compute_rewards`') of the same rollouts, G
+    per prompt sampled once from the starting model with the run's settings, all graded: accuracy at each
+    within-group rank, rank 1 minus rank G with a bootstrap interval over groups, the within-group correlation
+    with length. Writes signal.json and completions.jsonl in <out_dir>/signal-<run_name>."""
     settings, cfg = parse_command_line(argv, "python vigor.py signal", SignalSettings, Config)
     names = settings.scores.split(",")
     if set(names) - set(SIGNAL_SCORES):
         raise ConfigError(f"signal: scores come from {list(SIGNAL_SCORES)}")
     started, G = time.time(), cfg.num_generations
-    # one process, whatever `parallelism` says
-    cfg = dataclasses.replace(cfg, run_name=f"signal-{cfg.run_name}", parallelism="ddp")
+    cfg = dataclasses.replace(cfg, run_name=f"signal-{cfg.run_name}", parallelism="ddp")  # one process
     device, dtype = setup_device(cfg)
     questions, answers = load_prompts(cfg.train_data)
     if answers is None:
@@ -2050,16 +2087,12 @@ def signal(argv):
 
 # --- Tools 3: the reward inside TRL's GRPOTrainer -----------------------------------------------------------
 class TRLReward:
-    """VIGOR (or self-certainty) as a reward function for TRL's `GRPOTrainer` (pip install trl):
-        args = GRPOConfig(...)
-        policy = AutoModelForCausalLM.from_pretrained(...)
-        GRPOTrainer(model=policy, reward_funcs=[vigor.TRLReward(policy, tokenizer, args)], args=args, ...)
-    TRL calls it with the prompts, the completions and their token ids (each group's G completions
-    consecutive, each ending in its EOS) but not the model: the norms come from `model`, the very object the
-    trainer updates, under its current weights. `args` is the trainer's GRPOConfig (or G alone): from it the
-    adapter takes G, the evaluation's G (num_generations_eval, used while the model is in eval mode, as TRL
-    decides) and the chat_template_kwargs that TRL renders conversational prompts with, so it scores the
-    prompt TRL sampled from. T counts the EOS."""
+    """VIGOR (or self-certainty) as a reward function for TRL's `GRPOTrainer` (pip install trl), given the
+    model the trainer updates and its GRPOConfig: `GRPOTrainer(model=policy, args=args,
+    reward_funcs=[vigor.TRLReward(policy, tokenizer, args)], ...)`. TRL passes the prompts, completions and
+    completion ids (a group's G consecutive, each ending in its EOS), not the model. From `args` (or G alone)
+    come G, the evaluation's G (num_generations_eval, while the model is in eval mode, as TRL decides) and
+    the chat_template_kwargs TRL renders conversational prompts with. T counts the EOS."""
     def __init__(self, model, tokenizer, args, reward="vigor", sqrt_t=True, rank=True, reward_params="all",
                  grad_norm_method="per_layer"):
         if reward == "gt":
@@ -2110,16 +2143,15 @@ class TRLReward:
 
 def refuse_what_trl_reward_cannot_score(model, completions, columns):
     """TRLReward needs the whole weights on this process (checked at each call: a trainer shards them after
-    the adapter is made) and the prompt as TRL rendered it: with tools, the prompt holds their schema and a
-    completion holds tool results that the model did not write, so it refuses tools."""
+    the adapter is made), and no tools: their schema sits in TRL's prompt, their results in a completion."""
     from torch.distributed.tensor import DTensor
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # what ZeRO-3 puts on each weight it shards
-        raise ConfigError("TRLReward needs each process to hold the whole weights, and DeepSpeed ZeRO-3 "
-                          "shards them: use ZeRO-2, DDP or one process")
-    if any(isinstance(p, DTensor) for p in model.parameters()) or \
-            any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        raise ConfigError("TRLReward needs each process to hold the whole weights, and FSDP shards them: use "
-                          "DDP or one process (vigor.py's own trainer computes the norms under FSDP2)")
+    sharded = [name for name, yes in (  # ds_id: what ZeRO-3 puts on each weight it shards; DTensor: FSDP2's
+        ("DeepSpeed ZeRO-3", any(hasattr(p, "ds_id") for p in model.parameters())),
+        ("FSDP", any(isinstance(p, DTensor) for p in model.parameters()) or
+         any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()))) if yes]
+    if sharded:
+        raise ConfigError(f"TRLReward needs each process to hold the whole weights, and {sharded[0]} shards "
+                          "them: use DDP or one process (vigor.py's own trainer takes the norms under FSDP2)")
     trainer = getattr(columns.get("log_metric"), "__self__", None)  # a bound method of TRL's trainer
     tool_message = any(isinstance(c, list) and any(m.get("role") == "tool" for m in c) for c in completions)
     if getattr(trainer, "tools", None) or columns.get("environments") is not None or tool_message:
@@ -2127,9 +2159,88 @@ def refuse_what_trl_reward_cannot_score(model, completions, columns):
                           "the tools' schema and a completion their results, which the model did not write")
 
 
+# --- Tools 4: the classroom kit: a student copy with the method left blank, a grader per exercise ----------
+EXERCISES = {  # number: (the functions the student writes, what they compute, the tests `check N` runs)
+    1: (("token_logps", "completion_mean", "mean_nll"), "token log-probs and the mean NLL",
+        "token_logps_and_mean_nll or policy_logps_use or self_certainty_value"),
+    2: (("grad_norms",), "norms by torch.func", "grad_norms_match or grad_norms_chunked or grad_norms_over"),
+    3: (("vigor_scores",), "the sqrt(T) score", "vigor_scores_sqrt_t"),
+    4: (("rank_rewards",), "rank rewards with ties", "rank_rewards"),
+    5: (("group_advantages",), "group advantages", "group_advantages"),
+    6: (("grpo_token_loss",), "the clipped GRPO loss with the k3 KL", "grpo_token_loss or kl_penalty_enters"),
+    7: (("normalised_loss",), "the loss normalisations (stretch)", "dapo_bnpo_and_grpo_normalise"),
+    8: (("linear_grad_sq_norms",), "ghost norms (stretch)", "linear_grad_sq_norms or per_layer_norms_eq"),
+}
+
+
+def blanked_source(source):
+    """vigor.py's source with the body of every exercise function replaced by a NotImplementedError that names
+    its exercise; the signature and the docstring (what it must return) stay."""
+    exercise_of = {name: n for n, (names, _, _) in EXERCISES.items() for name in names}
+    lines, cuts = source.splitlines(keepends=True), []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name in exercise_of:
+            body = node.body[1:] if ast.get_docstring(node) else node.body
+            text = f"exercise {exercise_of[node.name]}: write {node.name} (its docstring says what it does)"
+            cuts.append((body[0].lineno, node.end_lineno, " " * body[0].col_offset +
+                          f"raise NotImplementedError({text!r})\n"))
+    for start, end, stub in sorted(cuts, reverse=True):
+        lines[start - 1:end] = [stub]
+    return "".join(lines)
+
+
+def student_readme(readme):
+    """The README's Exercises section for students: the teacher's answers (<details> blocks) left out."""
+    section = re.search(r"\n## Exercises\n(.*?)(?=\n## )", readme, re.S)[1]
+    return "# vigor.py: exercises\n" + re.sub(r"\n<details>.*?</details>\n", "\n", section, flags=re.S)
+
+
+def handout(argv):
+    """python vigor.py handout DIR: a student copy of the repository in a new folder DIR: vigor.py with the
+    exercise functions left blank (`blanked_source`), test_vigor.py, requirements.txt, tiny_configs/, LICENSE
+    and a README of the exercises without their answers. This repository is the teacher's answer key."""
+    if len(argv) != 1 or os.path.exists(argv[0]):
+        raise ConfigError(f"python vigor.py handout DIR writes a new folder: DIR must not exist (got {argv})")
+    out = argv[0]
+    os.makedirs(out)
+    for name in ("test_vigor.py", "requirements.txt", "LICENSE"):
+        shutil.copy(os.path.join(HERE, name), out)
+    shutil.copytree(os.path.join(HERE, "tiny_configs"), os.path.join(out, "tiny_configs"))
+    with open(os.path.join(out, "vigor.py"), "w") as f:
+        f.write(blanked_source(open(os.path.join(HERE, "vigor.py")).read()))
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(student_readme(open(os.path.join(HERE, "README.md")).read()))
+    print(f"wrote the student copy to {out}: exercises {', '.join(map(str, EXERCISES))}")
+
+
+def check(argv):
+    """python vigor.py check [N]: exercise N's tests (every exercise's with no N) from test_vigor.py beside
+    this file, in one pytest process: a line per exercise, with N each failing case and its error."""
+    if argv and (len(argv) > 1 or not argv[0].isdigit() or int(argv[0]) not in EXERCISES):
+        raise ConfigError(f"usage: python vigor.py check [N], N one of {list(EXERCISES)}")
+    chosen = [int(argv[0])] if argv else list(EXERCISES)
+    words = {n: EXERCISES[n][2].split(" or ") for n in chosen}  # each -k expression is "name or name ..."
+    pytest = [sys.executable, "-m", "pytest", "-vv", "-rA", "--tb=no", "-p", "no:cacheprovider"]  # -vv: uncut
+    proc = subprocess.run(pytest + ["-k", " or ".join(w for n in chosen for w in words[n]), "test_vigor.py"],
+                          cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    results = re.findall(r"^(PASSED|FAILED|ERROR) test_vigor.py::(test_\w+)(\S*)(.*)$", proc.stdout, re.M)
+    if not results:
+        raise ConfigError(f"check: pytest ran no test\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    failed = [n for n in chosen if any(r[0] != "PASSED" and any(w in r[1] for w in words[n])
+                                       for r in results)]
+    for n in chosen:
+        names, what, _ = EXERCISES[n]
+        print(f"exercise {n} ({what}: {', '.join(names)}): {'FAIL' if n in failed else 'pass'}")
+        for status, name, case, why in [r for r in results if argv and r[0] != "PASSED"]:
+            print(f"  {status} {name}{case}{why}")
+    if failed:
+        sys.exit(1)
+
+
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],
             "rank-table": lambda dirs: [rank_correctness(d) for d in dirs],
-            "study": study, "signal": signal}
+            "plot": plot, "study": study, "signal": signal, "handout": handout, "check": check}
 
 
 def main(argv=None):
