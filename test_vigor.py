@@ -1940,7 +1940,7 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
      "python vigor.py rank-table runs/study-base-vigor-lr2e-04-s7 runs/study-base-self_certainty-lr2e-04-s7", "study",
      "rank vs correctness"),
     ("python vigor.py --config tiny_configs/quick.yaml", f"python vigor.py --config tiny_configs/quick.yaml {SIZE}",
-     "examples", "VIGOR run done"),
+     "classroom", "VIGOR run done"),
     ("python vigor.py handout DIR", "python vigor.py handout DIR", "classroom", "wrote the student copy to DIR"),
     (("python vigor.py check N", "python vigor.py check 2"), "python vigor.py check 2", "classroom",
      "exercise 2 (norms by torch.func: grad_norms): pass"),

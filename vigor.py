@@ -915,7 +915,8 @@ def print_summary(summary, metrics_path, cfg):
 def print_group(run_dir, G):
     """One group of the last logged step, the method on real data: each completion's T, raw ||g||, score S,
     reward R, advantage A and grade. The first group whose completions are not all graded alike, if any."""
-    rows = read_jsonl(os.path.join(run_dir, "completions.jsonl"))
+    path = os.path.join(run_dir, "completions.jsonl")
+    rows = read_jsonl(path) if os.path.isfile(path) else []  # none logged: no step ran, or logging is off
     if not rows:
         return
     last = [r for r in rows if r["step"] == rows[-1]["step"]]
@@ -1973,9 +1974,8 @@ def plot_study(panels, path):
             ax.legend(fontsize=8)
 
 
-PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T", "kl":
-           "KL to the reference", "score": "mean score S", "train/accuracy": "sampled-completion accuracy",
-           "accuracy": "held-out greedy accuracy"}
+PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T",
+           "kl": "KL", "score": "score S", "train/accuracy": "sampled accuracy", "accuracy": "held-out accuracy"}
 
 
 def plot(run_dirs):
