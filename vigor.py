@@ -1975,7 +1975,7 @@ def plot_study(panels, path):
 
 
 PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T",
-           "kl": "KL", "score": "score S", "train/accuracy": "sampled accuracy", "accuracy": "held-out accuracy"}
+           "kl": "KL", "score": "score S", "train/accuracy": "sampled accuracy", "accuracy": "held-out acc."}
 
 
 def plot(run_dirs):
