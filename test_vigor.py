@@ -302,7 +302,8 @@ def test_free_memory_needs_no_linux_only_call(monkeypatch):
     model = tiny_model(False)
     ids, _ = padded_batch()
     monkeypatch.delattr(os, "sysconf", raising=False)
-    assert vigor.free_memory(torch.device("cpu")) == pytest.approx(psutil.virtual_memory().available, rel=0.2)
+    free = min(psutil.virtual_memory().available, 2 * 2**30)  # a CPU's share is capped: a laptop's reward pass
+    assert vigor.free_memory(torch.device("cpu")) == pytest.approx(free, rel=0.2)
     assert vigor.auto_chunk_size(model, ids, "vmap") == len(ids)
 
 
