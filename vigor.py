@@ -167,6 +167,9 @@ class Config:
                             "pass@k, maj@k); 0 = off", ">= 0")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation", ">= 1")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)", ">= 0")
+    alignment_every: int = arg(0, "log `alignment` at step 1 and every N steps: the cosine of the update's "
+                               "direction with gold answers' on the same rollouts (`update_directions`: two "
+                               "backward passes, two gradients' memory; needs answers); 0 = off", ">= 0")
     report_to: str = arg("none", "tensorboard: metrics.jsonl's numbers also go to <run folder>/tensorboard",
                          ("none", "tensorboard"))
     log_completions_every: int = arg(1, "write every Nth step's completions to completions.jsonl", ">= 0")
@@ -411,9 +414,10 @@ def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
     return out
 
 
-def sample_and_score(cfg, policy, tok, prompts, answers):
+def sample_and_score(cfg, policy, tok, prompts, answers, align=False):
     """The first half of a step: this rank's rollouts, their {grad_norm, score, reward, advantage, correct}
-    and timings. Answers, when given, grade the completions for monitoring (and are the gt reward)."""
+    and timings. Answers, when given, grade the completions for monitoring (and are the gt reward); with
+    `align`, the update's alignment with gold answers' (every rank's rollouts) is measured too."""
     policy.eval()
     t0 = time.perf_counter()
     with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
@@ -421,9 +425,14 @@ def sample_and_score(cfg, policy, tok, prompts, answers):
         t1 = time.perf_counter()
         correct = grade(rollouts, prompts, answers, cfg.answer_format) if answers is not None else None
         scored = compute_rewards(cfg, policy, rollouts, correct)
+    logged = {"time/generate": t1 - t0, "time/reward": time.perf_counter() - t1}
+    if align:
+        gt = compute_rewards(dataclasses.replace(cfg, reward="gt"), policy, rollouts, correct)["advantage"]
+        d = all_sum(update_directions(cfg, policy, rollouts, torch.stack([scored["advantage"], gt]))).double()
+        logged["alignment"] = (d[0] @ d[1] / (d[0].norm() * d[1].norm())).item()  # nan: no group is mixed
     if correct is not None:
         scored["correct"] = correct
-    return rollouts, scored, {"time/generate": t1 - t0, "time/reward": time.perf_counter() - t1}
+    return rollouts, scored, logged
 
 
 def sample(cfg, policy, tok, prompts):
@@ -442,9 +451,7 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
     t0, wrapped = time.perf_counter(), wrapped or policy
     dev, world = policy.device, rank_and_world()[1]
     ids, adv = rollouts.input_ids.to(dev), advantages.to(dev)
-    mask = rollouts.loss_mask[:, 1:].to(dev).float()
-    if cfg.mask_truncated_completions:
-        mask = mask * (~rollouts.truncated).to(dev).float()[:, None]
+    mask = update_mask(cfg, rollouts).to(dev)
     batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(ids), cfg.micro_batch_size)]
     ref_logps = reference_logps(policy, ref, ids, batches, cfg.temperature)
     # one iteration: the policy has not moved since sampling, so old = its own log-probs, detached (ratio 1)
@@ -482,11 +489,18 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
     return {**metrics, "time/reference": t1 - t0, "time/update": time.perf_counter() - t1}
 
 
-def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapped=None):
+def update_mask(cfg, rollouts):
+    """[N, L-1] 1 where the update's loss counts a token: completion tokens (with mask_truncated_completions
+    not those of completions cut at the length limit)."""
+    mask = rollouts.loss_mask[:, 1:].float()
+    return mask * (~rollouts.truncated).float()[:, None] if cfg.mask_truncated_completions else mask
+
+
+def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapped=None, align=False):
     """One VIGOR/GRPO step on this rank's prompts; returns (metrics, columns): every rank's completions with
     their prompts, texts, lengths, scores, rewards and advantages, {name: [N] tensor or list}."""
     t0 = time.perf_counter()
-    rollouts, scored, times = sample_and_score(cfg, policy, tok, prompts, answers)
+    rollouts, scored, times = sample_and_score(cfg, policy, tok, prompts, answers, align)
     columns = gather_columns({"prompt": [prompts[i] for i in rollouts.prompt_index],
                               "completion": rollouts.completions, "length": rollouts.lengths,
                               "truncated": rollouts.truncated, **scored})
@@ -711,8 +725,8 @@ def train(cfg: Config) -> dict:
     for spec, _, gold in eval_sets:
         if gold is None:
             raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
-    if cfg.reward == "gt" and answers is None:
-        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
+    if (cfg.reward == "gt" or cfg.alignment_every) and answers is None:
+        raise DataError("reward 'gt' and alignment_every need answers: set train_data.answer_column")
     run_dir = check_run_dir(cfg)
     if rank > 0:
         barrier()  # rank 0 builds (or finds) the tiny model's warm start; the others then read its cache
@@ -765,8 +779,9 @@ def train(cfg: Config) -> dict:
             idx = idx[rank * share:(rank + 1) * share]
             batch_answers = [answers[i] for i in idx] if answers else None
             try:
+                align = cfg.alignment_every and (step == 0 or (step + 1) % cfg.alignment_every == 0)
                 metrics, columns = rl_step(cfg, policy, ref, tok, optimizer, scheduler,
-                                           [prompts[i] for i in idx], batch_answers, wrapped)
+                                           [prompts[i] for i in idx], batch_answers, wrapped, align)
                 state["bad_in_a_row"] = 0
             except BadStepError as e:
                 state["bad_in_a_row"] += 1
@@ -1101,13 +1116,11 @@ def grade(rollouts, prompts, answers, setting="auto"):
 
 
 # --- Models: a tiny Qwen2 with a character tokenizer (warm-started and cached), or from_pretrained ----------
-def char_tokenizer(vocab_size=None):
-    """One token per character (printable ASCII and newline) plus <pad>, <eos>, <unk>; with vocab_size,
-    filler tokens <tN> up to that size (so a model with a bigger vocabulary decodes every id)."""
+def char_tokenizer():
+    """One token per character (printable ASCII and newline) plus <pad>, <eos>, <unk>."""
     import tokenizers
     from transformers import PreTrainedTokenizerFast
     chars = ["<pad>", "<eos>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
-    chars += [f"<t{i}>" for i in range((vocab_size or len(chars)) - len(chars))]
     vocab = {c: i for i, c in enumerate(chars)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
@@ -1372,6 +1385,8 @@ def validate(cfg: Config):
         (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
          cfg.grad_norm_method == "per_layer", "parallelism fsdp needs grad_norm_method per_layer: "
          "torch.func's vmap cannot take per-sample gradients of sharded parameters"),
+        (cfg.parallelism != "fsdp" or not cfg.alignment_every, "alignment_every takes whole gradients on "
+         "every process: use parallelism ddp"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1801,6 +1816,16 @@ class StudySettings:
     rows: str = arg(",".join(STUDY), f"comma-separated rows, from {', '.join(STUDY)}")
     lrs: str = arg("2e-4,1e-4,5e-5,2e-5,1e-5", "comma-separated learning rates: every row runs at each, "
                    "the ablations only at the regime's own `lr` (the chosen one, marked in the tables)")
+    prompts_per_steps: str = arg("", "comma-separated prompts per step: every row but the ablations also "
+                                 "runs at each, at the regime's own lr (its folder ends in -p<N>-s<seed>)")
+
+
+def listed(text, kind, flag):
+    """The values of a comma-separated setting (none for ''), or a ConfigError that names its flag."""
+    try:
+        return [kind(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ConfigError(f"--{flag} takes comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def lr_text(lr):
@@ -1825,42 +1850,51 @@ def holds(values):
 
 def study(argv):
     """The paper's comparison in miniature, as a dose-response grid: per regime (the tiny model's warm start,
-    `task`), every row at every lr of the grid (the ablations at the regime's own lr) over the seeds,
-    evaluated on test (reported) and validation (selects the peak) every eval_every steps. Writes study.md
-    (the tables of `study_tables`, also printed) and, with matplotlib installed, study.png (`plot_study`)."""
+    `task`), every row at every lr of the grid and every prompts_per_step of the batch grid (the ablations at
+    the regime's own lr and batch) over the seeds, evaluated on test (reported) and validation (selects the
+    peak) every eval_every steps, the update's alignment with gt's logged every 25 steps. Writes study.md
+    (the tables of `study_tables`, also printed). A finished run is reused and a stopped one resumed
+    (`study_run`): a study can be run in parts."""
     settings = parse_command_line(argv, "python vigor.py study", StudySettings, Config)[0]
-    seeds, rows = [int(s) for s in settings.seeds.split(",")], settings.rows.split(",")
+    seeds, lrs = listed(settings.seeds, int, "seeds"), listed(settings.lrs, float, "lrs")
+    batches, rows = listed(settings.prompts_per_steps, int, "prompts_per_steps"), settings.rows.split(",")
     regimes = settings.regimes.split(",")
     if set(rows) - set(STUDY) or set(regimes) - set(REGIME_CONFIGS):
         raise ConfigError(f"study: rows come from {list(STUDY)}, regimes from {list(REGIME_CONFIGS)}")
-    try:
-        grid = [float(lr) for lr in settings.lrs.split(",")]
-    except ValueError:
-        raise ConfigError(f"study: --lrs takes comma-separated numbers, got {settings.lrs!r}") from None
-    text, panels = "", {}
+    text = ""
     for regime in regimes:
         base = regime_config(regime, argv)
+        chosen = (base.lr, base.prompts_per_step)
         # the first eval set is reported; the peak is chosen on the validation split (added if not there)
         named = [eval_set_name(spec) for spec in base.eval_data]
         sets = base.eval_data + [SYNTHETIC_VALIDATION] * ("validation" not in named)
-        runs = defaultdict(list)  # (row, lr) -> its run folders, one per seed
-        for seed in seeds:
-            for lr in sorted(set(grid) | {base.lr}, reverse=True):
-                for name in [n for n in rows if n not in ABLATIONS or lr == base.lr]:
-                    cfg = make_config({**dataclasses.asdict(base), **STUDY[name], "task": regime,
-                                       "seed": seed, "lr": lr, "eval_data": sets,
-                                       "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}-s{seed}",
-                                       "eval_every": base.eval_every or 15})
-                    print(f"\n=== {cfg.run_name}")
-                    runs[name, lr].append(train(cfg)["run_dir"])
+        cells = sorted({(lr, chosen[1]) for lr in lrs} | {(chosen[0], n) for n in batches} | {chosen},
+                       key=lambda c: (-c[0], c[1]))  # (lr, prompts per step)
+        runs = defaultdict(list)  # (row, cell) -> its run folders, one per seed
+        for seed, (lr, n) in [(seed, cell) for seed in seeds for cell in cells]:
+            for name in [name for name in rows if name not in ABLATIONS or (lr, n) == chosen]:
+                batch = f"-p{n}" if n != chosen[1] else ""
+                runs[name, (lr, n)].append(study_run(make_config({
+                    **dataclasses.asdict(base), **STUDY[name], "task": regime, "seed": seed, "lr": lr,
+                    "prompts_per_step": n, "eval_data": sets, "eval_every": base.eval_every or 15,
+                    "alignment_every": base.alignment_every or 25,
+                    "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}{batch}-s{seed}"})))
         if rank_and_world()[0] == 0:  # under torchrun, rank 0 alone writes the tables
-            tables, gains = study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0]),
-                                         base.lr)
-            text, panels[regime] = text + tables + "\n\n", (gains, base.lr)
+            text += study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0]), chosen)
+            text += "\n\n"
     if rank_and_world()[0] == 0:
         with open(os.path.join(base.out_dir, "study.md"), "w") as f:
             f.write(text)
-        plot_study(panels, os.path.join(base.out_dir, "study.png"))
+
+
+def study_run(cfg):
+    """One run of the study, trained (or resumed from its last checkpoint), or reused once it has ended
+    (its final evaluation logged; a folder of other settings is refused): its folder."""
+    run_dir = check_run_dir(cfg)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    done = os.path.isfile(path) and any(row.get("final") for row in read_jsonl(path))
+    print(f"\n=== {cfg.run_name}" + ": finished, reused" * done)
+    return run_dir if done else train(cfg)["run_dir"]
 
 
 def regime_config(regime, argv):
@@ -1870,15 +1904,20 @@ def regime_config(regime, argv):
 
 
 def study_tables(regime, runs, seeds, k, reported, chosen):
-    """The tables of one regime from its run folders, {(row, lr): one per seed}: the starting model, greedy
-    gain by reward x lr, every cell in detail, and the paper's claims at each lr. Returns (their text,
-    {(row, lr): greedy gain per seed})."""
+    """The tables of one regime from its run folders, {(row, (lr, prompts per step)): one per seed}: the
+    starting model, greedy gain by reward x lr (and batch), every cell in detail, and the paper's claims at
+    each lr and batch: their text."""
     logs = {cell: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for cell, dirs in runs.items()}
     test, val = f"eval/{reported}/", "eval/validation/"
-    lrs = sorted({lr for _, lr in logs}, reverse=True)
+    columns = sorted({c for _, c in logs}, key=lambda c: (-c[0], c[1]))  # (lr, prompts per step)
     names = list(dict.fromkeys(name for name, _ in logs))
-    cells = [(name, lr) for name in names for lr in lrs if (name, lr) in logs]
-    col = {lr: lr_text(lr) + " (chosen)" * (lr == chosen) for lr in lrs}
+    cells = [(name, c) for name in names for c in columns if (name, c) in logs]
+    col = {c: lr_text(c[0]) + f" x {c[1]} prompts" * (c[1] != chosen[1]) + " (chosen)" * (c == chosen)
+           for c in columns}
+
+    def aligned(log, at=0):  # the update's cosine with gt's at the first (or `at`) logged step; nan: none
+        values = [m["alignment"] for m in log if "alignment" in m]
+        return values[at] if values else float("nan")
 
     def over_seeds(cell, value_of, *fmt):  # mean_sd of value_of(one seed's metrics lines)
         return mean_sd([value_of(log) for log in logs[cell]], *fmt)
@@ -1895,9 +1934,10 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
                        f"seeds {seeds})", keys, [[over_seeds(cells[0], lambda log: log[0][test + key])
                                                   for key in keys]])
     text += "\n\n" + print_table(
-        f"{regime}: greedy gain on {reported} over the starting model, points, mean ± sd over seeds {seeds}",
-        ["reward", *col.values()], [(name, *(mean_sd(gains[name, lr], 100, "+.1f") if (name, lr) in gains
-                                            else "" for lr in lrs)) for name in names])
+        f"{regime}: greedy gain on {reported} over the starting model, points, mean ± sd over seeds "
+        f"{seeds}, by lr (x prompts per step where not the regime's own)",
+        ["reward", *col.values()], [(name, *(mean_sd(gains[name, c], 100, "+.1f") if (name, c) in gains
+                                            else "" for c in columns)) for name in names])
 
     def detail(cell):
         peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[cell]]
@@ -1908,74 +1948,44 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
                 over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"),
                 f"{mean_sd([p[0] for p in peaks])} ({', '.join(str(p[1]) for p in peaks)})", *rank_1_and_g,
                 " -> ".join(over_seeds(cell, lambda log: window_mean(log, "completions/mean_length", last), 1)
-                            for last in (False, True)))
+                            for last in (False, True)),
+                " -> ".join(over_seeds(cell, lambda log: aligned(log, at), 1, "+.2f") for at in (0, -1)))
     text += "\n\n" + print_table(
         f"{regime}: every cell on {reported}, mean ± sd over seeds: the final model (%; gains in points), "
         "KL to the reference, the peak chosen on validation (the authors' kind of selection) and its steps, "
-        "% of groups whose best- and worst-scored completions are correct (rank 1 / rank G), length",
+        "% of groups whose best- and worst-scored completions are correct (rank 1 / rank G), length, the "
+        "cosine of the update direction with gold answers' on the same rollouts (`alignment`)",
         ["reward", "lr", "greedy, final", "gain", f"mean@{k} gain", "KL, last 20% of steps",
          "greedy at the validation peak (steps)", "rank 1 / G, step 1", "rank 1 / G, first 20% of steps",
-         "mean length, first -> last 20% of steps"], [detail(cell) for cell in cells])
-    claims = []  # (claim, lr, per-seed values)
-    for lr in [lr for lr in lrs if ("vigor", lr) in gains]:
-        vigor = gains["vigor", lr]
-        claims.append(("vigor gains over the starting model", lr, vigor))
-        claims += [(f"vigor gains more than {than} at the same lr", lr,
-                    [a - b for a, b in zip(vigor, gains[than, lr])])
-                   for than in ("random", "self_certainty", *ABLATIONS) if (than, lr) in gains]
-        claims.append(("vigor's rank 1 is more often correct than its rank G, first 20% of steps", lr,
-                       [r["early"][0] - r["early"][-1] for r in ranks["vigor", lr]]))
-    rows = [(claim, col[lr], per_seed_text(values), holds(values)) for claim, lr, values in claims]
-    rows += [(f"{name}: raw ||g|| ~ T^-0.5 within groups, slope within 0.25 of -0.5", col[lr],
+         "mean length, first -> last 20% of steps", "cosine of the update with gt's, step 1 -> last logged"],
+        [detail(cell) for cell in cells])
+    rows = []  # (claim, column, per seed, holds)
+    for c in [c for c in columns if ("vigor", c) in gains]:
+        vigor, first = gains["vigor", c], [aligned(log) for log in logs["vigor", c]]
+        claims = [("vigor gains over the starting model", vigor)]
+        claims += [(f"vigor gains more than {than} at the same lr and batch",
+                    [a - b for a, b in zip(vigor, gains[than, c])])
+                   for than in ("random", "self_certainty", *ABLATIONS) if (than, c) in gains]
+        claims.append(("vigor's rank 1 is more often correct than its rank G, first 20% of steps",
+                       [r["early"][0] - r["early"][-1] for r in ranks["vigor", c]]))
+        rows += [(claim, col[c], per_seed_text(values), holds(values)) for claim, values in claims]
+        if not any(map(math.isnan, first)):
+            rows.append(("vigor's update at step 1 points along gt's: cosine > 0", col[c],
+                         per_seed_text(first, 1, "+.2f"), holds(first)))
+    rows += [(f"{name}: raw ||g|| ~ T^-0.5 within groups, slope within 0.25 of -0.5", col[c],
               per_seed_text(s, 1, "+.2f"), "yes" if abs(sum(s) / len(s) + 0.5) < 0.25 else "NO")
-             for (name, lr), s in slopes.items()]
+             for (name, c), s in slopes.items()]
     text += "\n\n" + print_table(
-        f"{regime}: the paper's claims at each lr; per seed: the gain, the difference of gains or of rank "
-        "1's and rank G's accuracy (points), or the slope; holds: yes = on every seed, NO = on none",
+        f"{regime}: the paper's claims at each lr and batch; per seed: the gain, the difference of gains or "
+        "of rank 1's and rank G's accuracy (points), the cosine, or the slope; holds: yes = on every seed, "
+        "NO = on none",
         ["claim", "lr", f"per seed {seeds}", "holds"], rows)
-    return text, gains
-
-
-@contextlib.contextmanager
-def figure(path, rows, cols, size):
-    """The axes [rows, cols] of a matplotlib figure that is saved to `path` on exit; None, after saying that
-    `path` was not drawn, without matplotlib (optional: every number it shows is in the tables and logs)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed, so {path} was not drawn (pip install matplotlib)")
-        yield None
-        return
-    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
-    yield axes
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-def plot_study(panels, path):
-    """study.png: per regime, greedy gain against lr (log scale), one line per reward with bars from the
-    seeds' minimum to their maximum; the ablations (the chosen lr only) are points."""
-    with figure(path, 1, len(panels), (6 * len(panels), 4.5)) as axes:
-        for ax, (regime, (gains, chosen)) in zip(axes[0] if axes is not None else [], panels.items()):
-            for name in dict.fromkeys(name for name, _ in gains):
-                lrs = sorted(lr for n, lr in gains if n == name)
-                g = torch.tensor([gains[name, lr] for lr in lrs], dtype=torch.float64) * 100  # [lrs, seeds]
-                mean = g.mean(1)
-                ax.errorbar(lrs, mean, yerr=torch.stack([mean - g.amin(1), g.amax(1) - mean]), marker="o",
-                            capsize=3, label=name, ls="-" if len(lrs) > 1 else "none")
-            ax.axhline(0, color="grey", lw=0.8)
-            ax.axvline(chosen, color="grey", ls=":", lw=1)
-            ax.set(xscale="log", xlabel="learning rate (dotted: the chosen one)", ylabel="gain, points",
-                   title=f"{regime}: gain over the starting model (bars: seeds' min to max)")
-            ax.legend(fontsize=8)
+    return text
 
 
 PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T",
-           "kl": "KL", "score": "score S", "train/accuracy": "sampled accuracy", "accuracy": "held-out acc."}
+           "kl": "KL", "score": "score S", "train/accuracy": "sampled accuracy", "accuracy": "held-out acc.",
+           "alignment": "cosine of the update with gold answers'", "grad_norm": "update's gradient norm"}
 
 
 def plot(run_dirs):
@@ -1986,15 +1996,26 @@ def plot(run_dirs):
     logs = {os.path.basename(os.path.normpath(d)): read_jsonl(os.path.join(d, "metrics.jsonl"))
             for d in run_dirs}
     path = os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(run_dirs[0]))), "plot.png")
-    with figure(path, 2, 3, (16, 8)) as axes:
-        for ax, (key, title) in zip(axes.flat if axes is not None else [], PLOTTED.items()):
-            for run, log in logs.items():
-                for name in sorted({k for m in log for k in m if re.fullmatch(f"{key}|eval/[^/]+/{key}", k)}):
-                    steps, values = zip(*[(m["step"], m[name]) for m in log if name in m])
-                    ax.plot(steps, values, marker="o" if len(steps) < 20 else None,
-                            label=run if name == key else f"{run}: {name.split('/')[1]}")
-            ax.set(title=title, xlabel="RL step")
+    try:  # optional: every number it draws is in metrics.jsonl
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print(f"matplotlib is not installed, so {path} was not drawn (pip install matplotlib)")
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    for ax, (key, title) in zip(axes.flat, PLOTTED.items()):
+        for run, log in logs.items():
+            for name in sorted({k for m in log for k in m if re.fullmatch(f"{key}|eval/[^/]+/{key}", k)}):
+                steps, values = zip(*[(m["step"], m[name]) for m in log if name in m])
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None,
+                        label=run if name == key else f"{run}: {name.split('/')[1]}")
+        ax.set(title=title, xlabel="RL step")
+        if ax.lines:  # a metric no run logged leaves its panel empty
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 # --- Tools 2: does the reward know? Every score on the same rollouts of the starting model, no training -----
@@ -2007,7 +2028,8 @@ class SignalSettings:
     prompts: int = arg(64, "prompts to sample G completions of (the first ones of training's order)", ">= 1")
     scores: str = arg(",".join(SIGNAL_SCORES), f"comma-separated scores, from {', '.join(SIGNAL_SCORES)} "
                       "(random: the chance line)")
-    bootstrap: int = arg(2000, "bootstrap resamples of the groups for the 95% intervals", ">= 1")
+    bootstrap: int = arg(2000, "bootstrap resamples of the groups for the 95% intervals (and random subsets "
+                         "of prompts for the alignment's)", ">= 1")
 
 
 def rank_gap(by_rank, resamples, seed):
@@ -2024,6 +2046,46 @@ def within_group_correlation(x, y, G):
     x, y = (v.double().view(-1, G) for v in (x, y))
     x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
     return ((x * y).sum() / ((x * x).sum() * (y * y).sum()).sqrt()).item()
+
+
+def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
+    """The direction of a first GRPO step on these rollouts, one per row of advantages [S, N]:
+        d = sum_i A_i sum_t w_it grad_theta log pi(y_it | x_i, y_i<t)   (pi: the update's tempered log-probs)
+    At the first step the ratio is 1 and the k3 KL's gradient is 0 (the policy is the reference), so d is
+    minus the update's gradient up to the loss's positive scale (w: `update_mask`, and for loss_type grpo
+    divided by T_i; bnpo is taken as dapo). Over the trainable parameters, flattened: float32 [S, n], or with
+    per_prompt one direction per group of G rows, [S, P, n]. One backward per row of advantages and chunk."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = update_mask(cfg, rollouts)
+    if cfg.loss_type == "grpo":  # each sequence's token mean
+        w = w / w.sum(1, keepdim=True).clamp(min=1)
+    rows, parts = cfg.num_generations if per_prompt else cfg.micro_batch_size, []
+    for i in range(0, len(w), rows):
+        logps = policy_logps(model, rollouts.input_ids[i:i + rows].to(model.device), cfg.temperature)[0]
+        per_row = (logps * w[i:i + rows].to(logps.device)).sum(1)  # [rows]: each completion's log-prob
+        parts.append(torch.stack([torch.cat([g.flatten().float() for g in torch.autograd.grad(
+            per_row @ a[i:i + rows].to(per_row), params, retain_graph=True)]) for a in advantages]))
+    return torch.stack(parts, 1) if per_prompt else sum(parts)
+
+
+def alignment(directions, names, n_prompts, draws, seed):
+    """{score: {B: (mean, 2.5%, 97.5%)}} of the cosine of sum_{p in Q} d[s, p] with sum_{p in Q} d[-1, p] (the
+    last row: gold answers') over `draws` random subsets Q of B = 8, 16, 32... < P of the P prompts of
+    directions [S, P, n], and of the whole batch (B = n_prompts). From each row's P x P Gram matrices with
+    itself and with the last row (no sum is formed); a subset where a sum is zero (for gt's: no group mixed)
+    has no cosine and is left out."""
+    d, P, out = directions.double(), directions.shape[1], {name: {} for name in names}
+    grams = torch.cat([d @ d[-1].T, d @ d.transpose(1, 2)])  # [2S, P, P]: with the last row, with itself
+    generator = torch.Generator().manual_seed(seed)
+    for size in [2 ** k for k in range(3, P.bit_length()) if 2 ** k < P] + [P]:
+        order = torch.rand(draws if size < P else 1, P, generator=generator).argsort(1)[:, :size]
+        pick = torch.zeros(len(order), P, dtype=torch.float64).scatter_(1, order, 1.0)  # [draws, P] 0/1
+        sums = torch.einsum("dp,spq,dq->sd", pick, grams, pick)  # [2S, draws]: 1_Q^T gram 1_Q
+        cross, sq = sums[:len(d)], sums[len(d):]
+        for name, cos in zip(names, cross / (sq * sq[-1]).sqrt()):
+            low, high = torch.nanquantile(cos, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            out[name][size if size < P else n_prompts] = (cos.nanmean().item(), low, high)
+    return out
 
 
 def signal(argv):
@@ -2052,13 +2114,23 @@ def signal(argv):
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         policy.eval()
         rollouts = sample(cfg, policy, tok, prompts)
-        correct, scores = grade(rollouts, prompts, answers, cfg.answer_format), {}
-        for name in names:  # lora_r 0 in the copy: here lm_head is only a score, no frozen head is trained
-            settings_of = dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name])
-            scores[name] = compute_rewards(settings_of, policy, rollouts)["score"]
+        correct = grade(rollouts, prompts, answers, cfg.answer_format)
+        # lora_r 0 in the copies: here lm_head is only a score, no frozen head is trained
+        scored = {name: compute_rewards(dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name]), policy,
+                                        rollouts) for name in names}
+        scored["gt"] = compute_rewards(dataclasses.replace(cfg, reward="gt"), policy, rollouts, correct)
+        started_alignment = time.time()
+        advantages = torch.stack([scored[name]["advantage"] for name in [*names, "gt"]])
+        n = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        per_prompt = len(advantages) * len(prompts) * n * 4 <= free_memory(device)  # else the whole batch's
+        directions = update_directions(cfg, policy, rollouts, advantages, per_prompt)
+    scores = {name: scored[name]["score"] for name in names}
     groups = correct.view(-1, G).sum(1)
     report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(),
-              "mixed_groups": int(((groups > 0) & (groups < G)).sum()), "scores": {}}
+              "mixed_groups": int(((groups > 0) & (groups < G)).sum()), "scores": {},
+              "alignment": alignment(directions if per_prompt else directions[:, None], names, len(prompts),
+                                     settings.bootstrap, cfg.seed),
+              "alignment_s": time.time() - started_alignment}
     for name, score in scores.items():
         gap, low, high = rank_gap(correct_by_rank(score, correct, G), settings.bootstrap, cfg.seed)
         report["scores"][name] = {"accuracy_by_rank": accuracy_by_rank(score, correct, G),
@@ -2071,15 +2143,22 @@ def signal(argv):
                "length": rollouts.lengths, "truncated": rollouts.truncated, "correct": correct, **scores}
     write_text_atomically(os.path.join(run_dir, "completions.jsonl"),
                           "".join(json.dumps(r) + "\n" for r in completion_rows(0, columns)))
-    print_table(f"does the score rank correct completions first? {len(prompts)} prompts x G = {G} sampled "
-                f"once from {base}: {report['accuracy']:.1%} correct, {report['mixed_groups']} groups of "
-                f"{len(prompts)} hold both correct and wrong completions (only they can rank anything); % "
-                "correct at each within-group rank, rank 1 minus rank G with its 95% bootstrap interval over "
-                "groups, the score's within-group correlation with length",
-                ["score", *(f"rank {i + 1}" for i in range(G)), "rank 1 - rank G [95%]", "corr. with length"],
+    sizes = list(report["alignment"][names[0]])  # the B measured, the whole batch last
+    print_table(f"does the score rank correct completions first, and does its first step point where gold "
+                f"answers' does? {len(prompts)} prompts x G = {G} sampled once from {base}: "
+                f"{report['accuracy']:.1%} correct, {report['mixed_groups']} groups of {len(prompts)} hold "
+                "both correct and wrong completions (only they can rank anything); % correct at each "
+                "within-group rank, rank 1 minus rank G with its 95% bootstrap interval over groups, the "
+                "within-group correlation with length; the cosine of the update direction sum_i A_i grad log "
+                f"pi(y_i) with gt's, of the whole batch and, for B < {len(prompts)}, mean [95%] over "
+                f"{settings.bootstrap} random subsets of B prompts ({report['alignment_s']:.0f} s)",
+                ["score", *(f"rank {i + 1}" for i in range(G)), "rank 1 - rank G [95%]", "corr. with length",
+                 *(f"cosine, B = {b}" for b in sizes)],
                 [(name, *(f"{100 * a:.1f}" for a in r["accuracy_by_rank"]),
                   f"{100 * r['rank_1_minus_rank_G']:+.1f} [{100 * r['interval_95'][0]:+.1f}, "
-                  f"{100 * r['interval_95'][1]:+.1f}]", f"{r['length_correlation']:+.2f}")
+                  f"{100 * r['interval_95'][1]:+.1f}]", f"{r['length_correlation']:+.2f}",
+                  *(f"{m:+.2f}" + f" [{lo:+.2f}, {hi:+.2f}]" * (b != sizes[-1])
+                    for b, (m, lo, hi) in report["alignment"][name].items()))
                  for name, r in report["scores"].items()])
     print(f"signal done in {report['wall_s']:.0f} s -> {run_dir}/signal.json")
     return report
