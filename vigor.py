@@ -43,7 +43,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -115,8 +114,7 @@ class Config:
     gradient_checkpointing: bool = arg(False, "recompute activations in the update (the reward pass: never)")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
     parallelism: str = arg("ddp", "under torchrun: ddp (each rank holds the model) or fsdp (FSDP2 shards "
-                           "weights, gradients, AdamW states; no LoRA, reward per_layer or lm_head)",
-                           ("ddp", "fsdp"))
+                           "weights, gradients, AdamW states; no LoRA, reward per_layer)", ("ddp", "fsdp"))
     # data
     train_data: dict = arg(SYNTHETIC_TRAIN, "RL prompts: {path, name, split, prompt_column, answer_column, "
                            "limit}; path: synthetic, a json/jsonl/csv/parquet file, a folder or a hub name")
@@ -163,15 +161,12 @@ class Config:
     warmup_ratio: float = arg(0.1, "linear warmup share of the cosine schedule (authors: 0.1)", "in [0, 1)")
     # logging, evaluation, checkpoints
     eval_every: int = arg(0, "evaluate every N steps too (0: only before and after RL)", ">= 0")
-    eval_samples: int = arg(8, "before and after RL, also sample k completions per eval prompt (mean@k, "
-                            "pass@k, maj@k); 0 = off", ">= 0")
+    eval_samples: int = arg(8, "before and after RL also sample k completions per eval prompt (mean@k, "
+                            "pass@k); 0 = off", ">= 0")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation", ">= 1")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)", ">= 0")
-    alignment_every: int = arg(0, "log `alignment` at step 1 and every N steps: the cosine of the update's "
-                               "direction with gold answers' on the same rollouts (`update_directions`: two "
-                               "backward passes, two gradients' memory; needs answers); 0 = off", ">= 0")
-    report_to: str = arg("none", "tensorboard: metrics.jsonl's numbers also go to <run folder>/tensorboard",
-                         ("none", "tensorboard"))
+    alignment_every: int = arg(0, "log `alignment`, the cosine of the update with gold answers' on the same "
+                               "rollouts, at step 1 and every N (2 backward passes and gradients)", ">= 0")
     log_completions_every: int = arg(1, "write every Nth step's completions to completions.jsonl", ">= 0")
     max_bad_steps: int = arg(3, "stop after this many NaN/inf steps in a row (reward, loss, grad)", ">= 1")
 
@@ -254,12 +249,9 @@ def share_identical(rewards, completion_ids, group_size):
     both up and down by a tie rule. If all G are identical, every advantage is zero and the group's only
     gradient is the beta * KL term's."""
     out = rewards.clone()
-    for g in range(len(completion_ids) // group_size):
-        same = defaultdict(list)
-        for i in range(g * group_size, (g + 1) * group_size):
-            same[tuple(completion_ids[i])].append(i)
-        for idx in same.values():
-            out[idx] = rewards[idx].mean()
+    for i, ids in enumerate(completion_ids):
+        group = range(i - i % group_size, i - i % group_size + group_size)
+        out[i] = rewards[[j for j in group if completion_ids[j] == ids]].mean()
     return out
 
 
@@ -453,7 +445,9 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
     ids, adv = rollouts.input_ids.to(dev), advantages.to(dev)
     mask = update_mask(cfg, rollouts).to(dev)
     batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(ids), cfg.micro_batch_size)]
-    ref_logps = reference_logps(policy, ref, ids, batches, cfg.temperature)
+    # the frozen reference: `ref`, or with LoRA (ref None) the policy with its adapter off
+    with policy.disable_adapter() if ref is None else contextlib.nullcontext():
+        ref_logps = logps_of(ref or policy, ids, batches, cfg.temperature)
     # one iteration: the policy has not moved since sampling, so old = its own log-probs, detached (ratio 1)
     old_logps = logps_of(policy, ids, batches, cfg.temperature) if cfg.num_iterations > 1 else None
     t1 = time.perf_counter()
@@ -490,8 +484,7 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
 
 
 def update_mask(cfg, rollouts):
-    """[N, L-1] 1 where the update's loss counts a token: completion tokens (with mask_truncated_completions
-    not those of completions cut at the length limit)."""
+    """[N, L-1]: 1 on the completion tokens the update's loss counts (see mask_truncated_completions)."""
     mask = rollouts.loss_mask[:, 1:].float()
     return mask * (~rollouts.truncated).float()[:, None] if cfg.mask_truncated_completions else mask
 
@@ -517,12 +510,6 @@ def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapp
         metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(policy.device) / 2**30
         torch.cuda.reset_peak_memory_stats(policy.device)
     return metrics, columns
-
-
-def reference_logps(policy, ref, ids, batches, temperature):
-    """Log-probs under the frozen reference: `ref`, or with LoRA (ref None) the policy, its adapter off."""
-    with policy.disable_adapter() if ref is None else contextlib.nullcontext():
-        return logps_of(ref or policy, ids, batches, temperature)
 
 
 @torch.no_grad()
@@ -753,18 +740,14 @@ def train(cfg: Config) -> dict:
     if ckpt:
         start, state = load_checkpoint(ckpt, policy, optimizer, scheduler)
         say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
-    writer = None
     if rank == 0:
         write_config(run_dir, cfg)
         for path in (metrics_path, completions_path):
             truncate_jsonl(path, start)
-        if cfg.report_to == "tensorboard":  # purge_step: a resumed run's redone steps replace the old events
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start or None)
     processes = f" x {world} processes ({cfg.parallelism})" if world > 1 else ""
     say(f"{len(prompts)} training prompts ({len(raw_prompts) - len(prompts)} skipped: longer than "
         f"max_prompt_length), model {base} on {device}{processes}, run folder {run_dir}")
-    log = (lambda row: log_metrics(metrics_path, writer, row)) if rank == 0 else lambda row: None
+    log = (lambda row: write_jsonl(metrics_path, [row])) if rank == 0 else lambda row: None
 
     # bf16 compute for every forward from here on; log-probs, norms and the loss are computed in fp32
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -812,8 +795,6 @@ def train(cfg: Config) -> dict:
     summary = {"run_dir": run_dir, "before": state["eval_before"], "after": final,
                "wall_s": time.time() - started}
     if rank == 0:
-        if writer is not None:
-            writer.close()
         print_summary(summary, metrics_path, cfg)
     return summary
 
@@ -838,8 +819,8 @@ def completion_rows(step, columns):
 @torch.no_grad()
 def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
     """{"eval/<set>/<metric>": value} on each held-out set: of greedy completions, accuracy, first_line (of
-    the text before the first newline), stopped and mean_length; with samples = k, of k sampled ones, mean@k,
-    pass@k and maj@k (EXPLAINED says what each is). Under torchrun rank r takes batches r, r + N, ... of
+    the text before the first newline), stopped and mean_length; with samples = k, of k sampled ones, mean@k
+    and pass@k (EXPLAINED says what each is). Under torchrun rank r takes batches r, r + N, ... of
     eval_batch_size prompts (one process's very batches: greedy results equal its own); counts are summed."""
     batch, out, k = cfg.eval_batch_size, {}, samples
     model.eval()
@@ -847,8 +828,8 @@ def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
         mine = my_batches(len(questions), batch)
         prompts = [format_prompt(tok, questions[i], cfg.system_prompt) for i in mine]
         answers = [gold[i] for i in mine]
-        counts = dict.fromkeys(("accuracy", "first_line", "stopped", "mean_length", f"mean@{k}", f"pass@{k}",
-                                f"maj@{k}"), 0.0)
+        counts = dict.fromkeys(("accuracy", "first_line", "stopped", "mean_length", f"mean@{k}", f"pass@{k}"),
+                               0.0)
         with gathered(model):
             if mine:
                 greedy = sample_groups(model, tok, prompts, 1, cfg.max_completion_length, batch, greedy=True)
@@ -861,9 +842,6 @@ def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
                                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
                 correct = grade(sampled, prompts, answers, cfg.answer_format).view(len(prompts), k)
                 counts[f"mean@{k}"], counts[f"pass@{k}"] = correct.mean(1).sum(), correct.amax(1).sum()
-                counts[f"maj@{k}"] = sum(majority_correct(sampled.completions[i * k:(i + 1) * k], correct[i],
-                                                          answer_format(prompts[i], cfg.answer_format))
-                                         for i in range(len(prompts)))
         counts["prompts"] = len(mine)
         total = sum_over_ranks({c: torch.tensor(float(v), device=model.device) for c, v in counts.items()})
         n = total.pop("prompts")
@@ -875,14 +853,6 @@ def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
 def eval_set_name(spec):
     """A held-out set's name in the metrics: the synthetic task's split, else the file or dataset name."""
     return spec.get("split", "train") if spec["path"] == "synthetic" else os.path.basename(spec["path"])
-
-
-def majority_correct(completions, correct, fmt):
-    """Is the most frequent answer among one prompt's k sampled completions correct (ties: the first sampled)?
-    `correct` [k] grades each completion; completions with no answer do not vote."""
-    votes = [normalize_answer(a) if a else None for a in (extract_answer(c, fmt) for c in completions)]
-    voted = [v for v in votes if v is not None]
-    return correct[votes.index(max(voted, key=voted.count))].item() if voted else 0.0
 
 
 def window_mean(metrics, key, last=True, fraction=0.2):
@@ -898,8 +868,7 @@ REGIMES = {"base": "the tiny model's warm start was plain language modelling of 
            "sft": "the tiny model was fine-tuned on prompt -> solution pairs (an instruction-tuned model)"}
 EXPLAINED = {"accuracy": "greedy completion correct", "first_line": "its first line correct",
              "stopped": "greedy completions that end in a stop token", "mean@": "sampled completions correct",
-             "pass@": "prompts with one of the k sampled correct",
-             "maj@": "prompts whose most frequent sampled answer is correct"}
+             "pass@": "prompts with one of the k sampled correct"}
 
 
 def print_summary(summary, metrics_path, cfg):
@@ -1000,9 +969,7 @@ def load_rows(spec: dict):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the path and the cause
-        where = "hub dataset (needs network)"
-        if os.path.isdir(path) or builder:
-            where = "local folder" if os.path.isdir(path) else "file"
+        where = "folder" if os.path.isdir(path) else "file" if builder else "hub dataset (needs network)"
         raise DataError(f"could not load {where} {path!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
 
@@ -1270,11 +1237,9 @@ def stop_token_ids(model, tok):
 COMMANDS_HELP = """commands:
   python vigor.py [--config FILE] [--setting value ...]        train (defaults: the tiny base model)
   torchrun --nproc_per_node N vigor.py [...]                    train on N processes (parallelism)
-  python vigor.py study [--seeds 7,8,9] [--regimes base,sft] [--rows ...] [--lrs 2e-4,1e-4,...] [...]
-                                                                every reward, both regimes, every lr
+  python vigor.py study [--seeds ...] [--lrs ...] [--prompts_per_steps ...] [...]   rewards x lr x batch
   python vigor.py signal [--prompts 64] [--scores ...] [...]   every score on one set of rollouts, no training
-  python vigor.py length-bias RUN_DIR...  |  rank-table RUN_DIR...      the paper's analyses of a run
-  python vigor.py plot RUN_DIR...                                training curves of runs, in plot.png
+  python vigor.py length-bias | rank-table | plot RUN_DIR...   analyses of runs; their curves in plot.png
   python vigor.py handout DIR  |  check [N]      a student copy with the exercises blank; grade exercise N
 Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
 
@@ -1375,11 +1340,8 @@ def validate(cfg: Config):
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
          "device must be auto, cpu, cuda or cuda:N"),
         (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
-        (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
-         "report_to: tensorboard needs the tensorboard package: pip install tensorboard"),
-        (cfg.reward_params != "lm_head" or not cfg.lora_r, "reward_params lm_head measures the LM head's "
-         "gradient, and LoRA freezes the head (its adapters sit in the decoder): with lora_r > 0 use "
-         "reward_params all, the norm over the LoRA parameters"),
+        (cfg.reward_params != "lm_head" or not cfg.lora_r, "reward_params lm_head measures the LM head, and "
+         "LoRA freezes the head (its adapters sit in the decoder): with lora_r > 0 use reward_params all"),
         (cfg.parallelism != "fsdp" or not cfg.lora_r, "parallelism fsdp shards a full fine-tune; with LoRA "
          "use ddp (the frozen base is then replicated and only the adapter is trained)"),
         (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
@@ -1559,16 +1521,6 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def log_metrics(path, writer, row):
-    """One line of metrics.jsonl; its numbers also go to TensorBoard when a writer is given."""
-    write_jsonl(path, [row])
-    if writer is not None:
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                writer.add_scalar(key, value, row["step"])
-        writer.flush()
-
-
 def truncate_jsonl(path, last_step):
     """Keep the lines (judged by their parsed fields, never their text) of the steps up to the checkpoint's,
     not the final evaluation's: a resumed run redoes the rest. No checkpoint (last_step 0): none is kept."""
@@ -1577,13 +1529,6 @@ def truncate_jsonl(path, last_step):
         keep = [line for line, row in zip(lines, map(json.loads, lines))
                 if last_step and row["step"] <= last_step and not row.get("final")]
         write_text_atomically(path, "".join(keep))
-
-
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def sharded_checkpoint(path, policy, optimizer, load=False):
@@ -1606,7 +1551,8 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
     Rank 0 writes all but the shards; every rank's RNG state is kept, so a resumed run samples the same."""
     rank = rank_and_world()[0]
     name, sharded = f"checkpoint-{step}", bool(fsdp_modules(policy))
-    rngs = all_gather(rng_state(policy.device))
+    rngs = all_gather({"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(policy.device)}
+                                                        if policy.device.type == "cuda" else {})})
     folder = os.path.join(run_dir, name)
     # rank 0 makes the folder appear at once (atomic); under FSDP the other ranks add their shards to its .tmp
     with atomic(folder) if rank == 0 else contextlib.nullcontext(folder + ".tmp") as tmp:
@@ -1739,22 +1685,18 @@ def length_bias(run_dir, bins=4):
     a norm is divided by its group's geometric mean, and the slope of log-norm on log T, pooled over groups
     after removing each group's mean, estimates the exponent (paper: -0.5 raw, 0 corrected)."""
     G, rows = logged_completions(run_dir, "grad_norm")
-    dev = []  # (T, log T - group mean, log ||g|| - group mean) of groups whose lengths differ
-    for g in range(0, len(rows) - G + 1, G):
-        t = torch.tensor([float(r["length"]) for r in rows[g:g + G]])
-        n = torch.tensor([r["grad_norm"] for r in rows[g:g + G]]).log()
-        if t.unique().numel() > 1:
-            dev += zip(t.tolist(), (t.log() - t.log().mean()).tolist(), (n - n.mean()).tolist())
-    if not dev:
+    t = torch.tensor([float(r["length"]) for r in rows], dtype=torch.float64).view(-1, G)
+    norm = torch.tensor([r["grad_norm"] for r in rows], dtype=torch.float64).log().view(-1, G)
+    varied = t.amax(1) > t.amin(1)  # a group of equal lengths tells nothing
+    if not varied.any():
         raise DataError(f"{run_dir}: no group has completions of different lengths")
-    dev.sort()
-    slope = sum(x * y for _, x, y in dev) / sum(x * x for _, x, _ in dev)
-    table = []
-    for b in range(bins):
-        part = dev[b * len(dev) // bins:(b + 1) * len(dev) // bins]
-        raw = sum(y for _, _, y in part) / len(part)  # geometric means, like the slope
-        table.append((f"{part[0][0]:.0f}-{part[-1][0]:.0f}", len(part), math.exp(raw),
-                      math.exp(raw + sum(x for _, x, _ in part) / len(part) / 2)))
+    x, y = ((v - v.mean(1, keepdim=True))[varied].flatten() for v in (t.log(), norm))  # log T, log ||g||
+    t = t[varied].flatten()
+    slope = ((x * y).sum() / (x * x).sum()).item()
+    order = t.argsort(stable=True)
+    parts = [order[b * len(t) // bins:(b + 1) * len(t) // bins] for b in range(bins)]
+    table = [(f"{t[p[0]]:.0f}-{t[p[-1]]:.0f}", len(p), y[p].mean().exp().item(),  # geometric means
+              (y[p] + x[p] / 2).mean().exp().item()) for p in parts]
     print_table(f"length bias within groups, {run_dir}: slope of log ||g|| on log T {slope:+.2f} raw, "
                 f"{slope + 0.5:+.2f} with sqrt(T) (paper: -0.5, 0)",
                 ["T (tokens)", "completions", "raw ||g|| / group mean", "sqrt(T)*||g|| / group mean"], table)
@@ -1850,11 +1792,10 @@ def holds(values):
 
 def study(argv):
     """The paper's comparison in miniature, as a dose-response grid: per regime (the tiny model's warm start,
-    `task`), every row at every lr of the grid and every prompts_per_step of the batch grid (the ablations at
-    the regime's own lr and batch) over the seeds, evaluated on test (reported) and validation (selects the
-    peak) every eval_every steps, the update's alignment with gt's logged every 25 steps. Writes study.md
-    (the tables of `study_tables`, also printed). A finished run is reused and a stopped one resumed
-    (`study_run`): a study can be run in parts."""
+    `task`), every row at every lr and every prompts_per_step of the grids (the ablations at the regime's own
+    lr and batch) over the seeds, evaluated on test (reported) and validation (selects the peak) every
+    eval_every steps, the alignment logged every 25. Writes study.md (`study_tables`, also printed). Finished
+    runs are reused, a stopped one resumed (`study_run`): a study can be run in parts."""
     settings = parse_command_line(argv, "python vigor.py study", StudySettings, Config)[0]
     seeds, lrs = listed(settings.seeds, int, "seeds"), listed(settings.lrs, float, "lrs")
     batches, rows = listed(settings.prompts_per_steps, int, "prompts_per_steps"), settings.rows.split(",")
@@ -1881,10 +1822,8 @@ def study(argv):
                     "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}{batch}-s{seed}"})))
         if rank_and_world()[0] == 0:  # under torchrun, rank 0 alone writes the tables
             text += study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0]), chosen)
-            text += "\n\n"
     if rank_and_world()[0] == 0:
-        with open(os.path.join(base.out_dir, "study.md"), "w") as f:
-            f.write(text)
+        write_text_atomically(os.path.join(base.out_dir, "study.md"), text)
 
 
 def study_run(cfg):
@@ -1915,10 +1854,6 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     col = {c: lr_text(c[0]) + f" x {c[1]} prompts" * (c[1] != chosen[1]) + " (chosen)" * (c == chosen)
            for c in columns}
 
-    def aligned(log, at=0):  # the update's cosine with gt's at the first (or `at`) logged step; nan: none
-        values = [m["alignment"] for m in log if "alignment" in m]
-        return values[at] if values else float("nan")
-
     def over_seeds(cell, value_of, *fmt):  # mean_sd of value_of(one seed's metrics lines)
         return mean_sd([value_of(log) for log in logs[cell]], *fmt)
 
@@ -1929,7 +1864,7 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
         ranks = {cell: [rank_correctness(d) for d in runs[cell]] for cell in cells}
         slopes = {cell: [length_bias(d)[0] for d in runs[cell]] for cell in cells
                   if cell[0].startswith("vigor") and cell[1] == chosen}
-    keys = ["accuracy", "first_line", "stopped", f"mean@{k}", f"pass@{k}", f"maj@{k}"]
+    keys = ["accuracy", "first_line", "stopped", f"mean@{k}", f"pass@{k}"]
     text = print_table(f"{regime}: the starting model before RL, % of the {reported} set (mean ± sd over "
                        f"seeds {seeds})", keys, [[over_seeds(cells[0], lambda log: log[0][test + key])
                                                   for key in keys]])
@@ -1947,9 +1882,9 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
                 mean_sd(gains[cell], 100, "+.1f"), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
                 over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"),
                 f"{mean_sd([p[0] for p in peaks])} ({', '.join(str(p[1]) for p in peaks)})", *rank_1_and_g,
-                " -> ".join(over_seeds(cell, lambda log: window_mean(log, "completions/mean_length", last), 1)
-                            for last in (False, True)),
-                " -> ".join(over_seeds(cell, lambda log: aligned(log, at), 1, "+.2f") for at in (0, -1)))
+                *(" -> ".join(over_seeds(cell, lambda log: window_mean(log, key, last), 1, fmt)
+                              for last in (False, True))
+                  for key, fmt in (("completions/mean_length", ".1f"), ("alignment", "+.2f"))))
     text += "\n\n" + print_table(
         f"{regime}: every cell on {reported}, mean ± sd over seeds: the final model (%; gains in points), "
         "KL to the reference, the peak chosen on validation (the authors' kind of selection) and its steps, "
@@ -1957,11 +1892,11 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
         "cosine of the update direction with gold answers' on the same rollouts (`alignment`)",
         ["reward", "lr", "greedy, final", "gain", f"mean@{k} gain", "KL, last 20% of steps",
          "greedy at the validation peak (steps)", "rank 1 / G, step 1", "rank 1 / G, first 20% of steps",
-         "mean length, first -> last 20% of steps", "cosine of the update with gt's, step 1 -> last logged"],
+         "mean length, first -> last 20% of steps", "cosine of the update with gt's, first -> last 20%"],
         [detail(cell) for cell in cells])
     rows = []  # (claim, column, per seed, holds)
     for c in [c for c in columns if ("vigor", c) in gains]:
-        vigor, first = gains["vigor", c], [aligned(log) for log in logs["vigor", c]]
+        vigor, first = gains["vigor", c], [window_mean(log, "alignment", False) for log in logs["vigor", c]]
         claims = [("vigor gains over the starting model", vigor)]
         claims += [(f"vigor gains more than {than} at the same lr and batch",
                     [a - b for a, b in zip(vigor, gains[than, c])])
@@ -1978,9 +1913,8 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     text += "\n\n" + print_table(
         f"{regime}: the paper's claims at each lr and batch; per seed: the gain, the difference of gains or "
         "of rank 1's and rank G's accuracy (points), the cosine, or the slope; holds: yes = on every seed, "
-        "NO = on none",
-        ["claim", "lr", f"per seed {seeds}", "holds"], rows)
-    return text
+        "NO = on none", ["claim", "lr", f"per seed {seeds}", "holds"], rows)
+    return text + "\n\n"
 
 
 PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T",
@@ -2049,12 +1983,10 @@ def within_group_correlation(x, y, G):
 
 
 def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
-    """The direction of a first GRPO step on these rollouts, one per row of advantages [S, N]:
-        d = sum_i A_i sum_t w_it grad_theta log pi(y_it | x_i, y_i<t)   (pi: the update's tempered log-probs)
-    At the first step the ratio is 1 and the k3 KL's gradient is 0 (the policy is the reference), so d is
-    minus the update's gradient up to the loss's positive scale (w: `update_mask`, and for loss_type grpo
-    divided by T_i; bnpo is taken as dapo). Over the trainable parameters, flattened: float32 [S, n], or with
-    per_prompt one direction per group of G rows, [S, P, n]. One backward per row of advantages and chunk."""
+    """d = sum_i A_i sum_t w_it grad_theta log pi(y_it | x_i, y_i<t) (tempered, as the update) for each
+    row of advantages [S, N]: at a first step (ratio 1, the k3 KL's gradient 0) minus the update's gradient up
+    to its positive scale (w: `update_mask`, / T_i for loss_type grpo; bnpo taken as dapo). Flattened over the
+    trainable parameters: float32 [S, n], or per_prompt one per group of G rows [S, P, n]."""
     params = [p for p in model.parameters() if p.requires_grad]
     w = update_mask(cfg, rollouts)
     if cfg.loss_type == "grpo":  # each sequence's token mean
@@ -2069,20 +2001,17 @@ def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
 
 
 def alignment(directions, names, n_prompts, draws, seed):
-    """{score: {B: (mean, 2.5%, 97.5%)}} of the cosine of sum_{p in Q} d[s, p] with sum_{p in Q} d[-1, p] (the
-    last row: gold answers') over `draws` random subsets Q of B = 8, 16, 32... < P of the P prompts of
-    directions [S, P, n], and of the whole batch (B = n_prompts). From each row's P x P Gram matrices with
-    itself and with the last row (no sum is formed); a subset where a sum is zero (for gt's: no group mixed)
-    has no cosine and is left out."""
+    """{score: {B: (mean, 2.5%, 97.5%)}}: cos(sum_{p in Q} d[s, p], sum_{p in Q} d[-1, p]) (the last row: gold
+    answers') over `draws` random subsets Q of B = 8, 16, 32... < P of the P prompts of directions [S, P, n],
+    and for the whole batch (B = n_prompts), from P x P Gram matrices; a zero sum (gt's: no group mixed) has
+    no cosine and is left out."""
     d, P, out = directions.double(), directions.shape[1], {name: {} for name in names}
     grams = torch.cat([d @ d[-1].T, d @ d.transpose(1, 2)])  # [2S, P, P]: with the last row, with itself
-    generator = torch.Generator().manual_seed(seed)
     for size in [2 ** k for k in range(3, P.bit_length()) if 2 ** k < P] + [P]:
-        order = torch.rand(draws if size < P else 1, P, generator=generator).argsort(1)[:, :size]
-        pick = torch.zeros(len(order), P, dtype=torch.float64).scatter_(1, order, 1.0)  # [draws, P] 0/1
+        draw = torch.rand(draws if size < P else 1, P, generator=torch.Generator().manual_seed(seed + size))
+        pick = torch.zeros_like(draw).scatter_(1, draw.argsort(1)[:, :size], 1.0).double()  # [draws, P] 0/1
         sums = torch.einsum("dp,spq,dq->sd", pick, grams, pick)  # [2S, draws]: 1_Q^T gram 1_Q
-        cross, sq = sums[:len(d)], sums[len(d):]
-        for name, cos in zip(names, cross / (sq * sq[-1]).sqrt()):
+        for name, cos in zip(names, sums[:len(d)] / (sums[len(d):] * sums[-1]).sqrt()):
             low, high = torch.nanquantile(cos, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
             out[name][size if size < P else n_prompts] = (cos.nanmean().item(), low, high)
     return out
@@ -2268,12 +2197,6 @@ def blanked_source(source):
     return "".join(lines)
 
 
-def student_readme(readme):
-    """The README's Exercises section for students: the teacher's answers (<details> blocks) left out."""
-    section = re.search(r"\n## Exercises\n(.*?)(?=\n## )", readme, re.S)[1]
-    return "# vigor.py: exercises\n" + re.sub(r"\n<details>.*?</details>\n", "\n", section, flags=re.S)
-
-
 def handout(argv):
     """python vigor.py handout DIR: a student copy of the repository in a new folder DIR: vigor.py with the
     exercise functions left blank (`blanked_source`), test_vigor.py, requirements.txt, tiny_configs/, LICENSE
@@ -2287,8 +2210,10 @@ def handout(argv):
     shutil.copytree(os.path.join(HERE, "tiny_configs"), os.path.join(out, "tiny_configs"))
     with open(os.path.join(out, "vigor.py"), "w") as f:
         f.write(blanked_source(open(os.path.join(HERE, "vigor.py")).read()))
-    with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(student_readme(open(os.path.join(HERE, "README.md")).read()))
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = re.search(r"\n## Exercises\n(.*?)(?=\n## )", readme, re.S)[1]
+    with open(os.path.join(out, "README.md"), "w") as f:  # the teacher's answers (<details> blocks) left out
+        f.write("# vigor.py: exercises\n" + re.sub(r"\n<details>.*?</details>\n", "\n", section, flags=re.S))
     print(f"wrote the student copy to {out}: exercises {', '.join(map(str, EXERCISES))}")
 
 
@@ -2306,14 +2231,14 @@ def check(argv):
     results = re.findall(r"^(PASSED|FAILED|ERROR) test_vigor.py::(test_\w+)(\S*)(.*)$", proc.stdout, re.M)
     if not results:
         raise ConfigError(f"check: pytest ran no test\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    failed = [n for n in chosen if any(r[0] != "PASSED" and any(w in r[1] for w in words[n])
-                                       for r in results)]
+    failed = {n: [r for r in results if r[0] != "PASSED" and any(w in r[1] for w in words[n])]
+              for n in chosen}
     for n in chosen:
         names, what, _ = EXERCISES[n]
-        print(f"exercise {n} ({what}: {', '.join(names)}): {'FAIL' if n in failed else 'pass'}")
-        for status, name, case, why in [r for r in results if argv and r[0] != "PASSED"]:
+        print(f"exercise {n} ({what}: {', '.join(names)}): {'FAIL' if failed[n] else 'pass'}")
+        for status, name, case, why in failed[n] if argv else []:
             print(f"  {status} {name}{case}{why}")
-    if failed:
+    if any(failed.values()):
         sys.exit(1)
 
 
