@@ -408,8 +408,7 @@ def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
 
 def sample_and_score(cfg, policy, tok, prompts, answers, align=False):
     """The first half of a step: this rank's rollouts, their {grad_norm, score, reward, advantage, correct}
-    and timings. Answers, when given, grade the completions for monitoring (and are the gt reward); with
-    `align`, the update's alignment with gold answers' (every rank's rollouts) is measured too."""
+    and timings (and with `align` the update's alignment with gt's). Answers, when given, grade them."""
     policy.eval()
     t0 = time.perf_counter()
     with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
@@ -818,10 +817,9 @@ def completion_rows(step, columns):
 
 @torch.no_grad()
 def evaluate(model, tok, eval_sets, cfg, samples=0) -> dict:
-    """{"eval/<set>/<metric>": value} on each held-out set: of greedy completions, accuracy, first_line (of
-    the text before the first newline), stopped and mean_length; with samples = k, of k sampled ones, mean@k
-    and pass@k (EXPLAINED says what each is). Under torchrun rank r takes batches r, r + N, ... of
-    eval_batch_size prompts (one process's very batches: greedy results equal its own); counts are summed."""
+    """{"eval/<set>/<metric>": value} on each held-out set: greedy accuracy, first_line, stopped, mean_length;
+    with samples = k, mean@k and pass@k of k sampled ones (EXPLAINED). Under torchrun rank r takes batches r,
+    r + N, ... of eval_batch_size prompts (one process's very batches: greedy results equal its own)."""
     batch, out, k = cfg.eval_batch_size, {}, samples
     model.eval()
     for spec, questions, gold in eval_sets:
@@ -938,9 +936,8 @@ def synthetic_problems(n, seed, exclude=frozenset()):
 @functools.lru_cache(maxsize=None)
 def synthetic_split(split):
     """Four disjoint splits: 'warmstart' (gold completions teach the tiny model), 'train' (RL prompts the
-    warm start never saw, like the paper's MATH problems for a base model), 'test' (held out, reported) and
-    'validation' (held out, for choosing hyperparameters). The task is fixed, not seeded by the run, so every
-    run shares one warm start."""
+    warm start never saw, like the paper's MATH problems for a base model), 'test' (held out, reported),
+    'validation' (held out, to choose hyperparameters). Fixed, not seeded: every run shares one warm start."""
     sizes, seen, rows = {"warmstart": 4000, "train": 2000, "test": 1000, "validation": 500}, set(), {}
     if split not in sizes:
         raise DataError(f"synthetic data has splits {list(sizes)}, not {split!r}")
@@ -1109,10 +1106,9 @@ WARMSTART_PACKED = (16, 64)  # base: rows of packed documents per step, tokens p
 
 def warmstart_sequence(cfg, rows, rng, tok, length):
     """One sequence of the warm start: (token ids, loss weight of predicting each). sft: a prompt and its
-    solution, EOS after the answer, loss on the solution only. base: documents packed end to end up to
-    `length` tokens; a document holds a geometric number of problems (mean doc_problems), one solved problem
-    per line, EOS only at its end; loss on every token (the problems' text weighted by prompt_weight), and a
-    share wrong_share of its answers is off by one."""
+    solution, EOS after the answer, loss on the solution only. base: documents of a geometric number of solved
+    problems (mean doc_problems), one per line, EOS at the end, packed up to `length` tokens; loss on every
+    token (the problems' text weighted by prompt_weight); a share wrong_share of answers is off by one."""
     base, ids, weights = cfg.task == "base", [], []
     while not ids or (base and len(ids) < length):
         count = 1
@@ -1439,11 +1435,11 @@ def my_batches(n, batch_size):
 
 
 def parallelize(cfg, policy, ref, dtype):
-    """The module the update's forward and backward go through; generation and the reward pass use `policy`.
-    One process: the policy itself. Under torchrun, ddp: a DistributedDataParallel wrapper (each rank holds
-    the whole model); fsdp: FSDP2 shards each decoder layer, then the rest, of the policy and the reference in
-    place (each rank holds 1/N of the weights, gradients and AdamW states; a layer's weights are all-gathered
-    for its forward and backward, in the compute dtype). Both average the gradients of the ranks."""
+    """The module the update's forward and backward go through (generation and the reward pass use `policy`):
+    one process, the policy; under torchrun, ddp: a DistributedDataParallel wrapper (each rank holds the whole
+    model); fsdp: FSDP2 shards each decoder layer, then the rest, of policy and reference in place (1/N of the
+    weights, gradients, AdamW states per rank; a layer is all-gathered for its forward and backward, in the
+    compute dtype). Both average the ranks' gradients."""
     if not dist.is_initialized():
         return policy
     if cfg.parallelism == "ddp":  # the weights are broadcast from rank 0 (a LoRA init is random)
@@ -1465,9 +1461,8 @@ def fsdp_modules(model):
 
 @contextlib.contextmanager
 def gathered(model):
-    """FSDP: keep every layer's full weights for generation and the reward pass (no-op otherwise). Ranks
-    sample completions of different lengths, so they run different numbers of forward passes; with the
-    weights gathered once up front, those passes need no collective that other ranks would have to join."""
+    """FSDP: every layer's full weights for generation and the reward pass (no-op otherwise), gathered once up
+    front: ranks whose completions differ in length run different numbers of forwards, without collectives."""
     shards = fsdp_modules(model)
     for m in shards:
         m.unshard()
@@ -1545,10 +1540,9 @@ def sharded_checkpoint(path, policy, optimizer, load=False):
 
 
 def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
-    """Atomic: write checkpoint-N.tmp, rename it, then repoint `latest` with an atomic replace. A kill at
-    any moment leaves `latest` naming a complete checkpoint. Weights in safetensors (FSDP: DCP shards in
-    sharded/), the rest tensors and plain types (loaded with weights_only=True, no arbitrary unpickling).
-    Rank 0 writes all but the shards; every rank's RNG state is kept, so a resumed run samples the same."""
+    """Atomic: write checkpoint-N.tmp, rename it, repoint `latest` (a kill at any moment leaves it naming a
+    complete checkpoint). Weights in safetensors (FSDP: DCP shards in sharded/), the rest tensors and plain
+    types (weights_only=True loading). Rank 0 writes all but the shards; every rank's RNG state is kept."""
     rank = rank_and_world()[0]
     name, sharded = f"checkpoint-{step}", bool(fsdp_modules(policy))
     rngs = all_gather({"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(policy.device)}
@@ -1576,9 +1570,8 @@ def save_checkpoint(run_dir, step, policy, tok, optimizer, scheduler, state):
 
 
 def load_checkpoint(ckpt, policy, optimizer, scheduler):
-    """Restore what `save_checkpoint` wrote (the weights of a non-sharded policy were loaded from the folder
-    already); returns (step, state). The same number of processes must resume it: each rank's RNG is
-    restored."""
+    """Restore what `save_checkpoint` wrote (a non-sharded policy's weights are in already): (step, state).
+    The same number of processes must resume it: each rank's RNG is restored."""
     (rank, world), device = rank_and_world(), policy.device
     saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # a list since torchrun came
@@ -2096,11 +2089,10 @@ def signal(argv):
 # --- Tools 3: the reward inside TRL's GRPOTrainer -----------------------------------------------------------
 class TRLReward:
     """VIGOR (or self-certainty) as a reward function for TRL's `GRPOTrainer` (pip install trl), given the
-    model the trainer updates and its GRPOConfig: `GRPOTrainer(model=policy, args=args,
-    reward_funcs=[vigor.TRLReward(policy, tokenizer, args)], ...)`. TRL passes the prompts, completions and
-    completion ids (a group's G consecutive, each ending in its EOS), not the model. From `args` (or G alone)
-    come G, the evaluation's G (num_generations_eval, while the model is in eval mode, as TRL decides) and
-    the chat_template_kwargs TRL renders conversational prompts with. T counts the EOS."""
+    model the trainer updates and its GRPOConfig: `GRPOTrainer(model=policy, args=args, reward_funcs=[vigor.
+    TRLReward(policy, tokenizer, args)], ...)`. TRL passes the prompts, completions and completion ids (a
+    group's G consecutive, each ending in its EOS; T counts it), not the model. `args` (or G alone) gives G,
+    the eval G (num_generations_eval, when the model is in eval mode, as TRL) and chat_template_kwargs."""
     def __init__(self, model, tokenizer, args, reward="vigor", sqrt_t=True, rank=True, reward_params="all",
                  grad_norm_method="per_layer"):
         if reward == "gt":
