@@ -1363,7 +1363,7 @@ def test_signal_alignment_of_subsets_and_of_the_whole_batch(monkeypatch, out_dir
     monkeypatch.setattr(vigor, "free_memory", lambda device: 0)
     whole = vigor.signal(signal_args(out_dir, run_name="aligned", prompts=9))
     for name, a in whole["alignment"].items():
-        assert list(a) == [9] and a[9] == pytest.approx(report["alignment"][name][9], abs=1e-5), name
+        assert list(a) == [9] and a[9] == pytest.approx(report["alignment"][name][9], abs=1e-4), name  # float32
 
 
 def test_signal_agrees_with_the_rank_table_of_trainings_first_step(out_dir):
@@ -1415,15 +1415,15 @@ def test_alignment_by_hand():
     gt, other = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)  # [P, n]: a direction per prompt
     out = vigor.alignment(torch.stack([gt, -gt, other, gt]), ["same", "negated", "other"], 9, 3000, seed=0)
     assert list(out["other"]) == [8, 9]  # B = 8 < 9, then the whole batch
-    assert [out["same"][b] for b in (8, 9)] == pytest.approx([(1, 1, 1)] * 2)
-    assert [out["negated"][b] for b in (8, 9)] == pytest.approx([(-1, -1, -1)] * 2)
+    assert [v for b in (8, 9) for v in out["same"][b]] == pytest.approx([1] * 6, abs=1e-6)
+    assert [v for b in (8, 9) for v in out["negated"][b]] == pytest.approx([-1] * 6, abs=1e-6)
 
     def cos(rows):
         return torch.nn.functional.cosine_similarity(other[rows].sum(0), gt[rows].sum(0), 0).item()
     left_out = [cos([q for q in range(9) if q != p]) for p in range(9)]
     mean, low, high = out["other"][8]
-    assert mean == pytest.approx(sum(left_out) / 9, abs=0.01) and (low, high) == pytest.approx((min(left_out), max(left_out)))
-    assert out["other"][9][0] == pytest.approx(cos(list(range(9))))
+    assert mean == pytest.approx(sum(left_out) / 9, abs=0.01)
+    assert [low, high, out["other"][9][0]] == pytest.approx([min(left_out), max(left_out), cos(list(range(9)))], abs=1e-6)
     assert list(vigor.alignment(torch.stack([other[:8], gt[:8]]), ["other"], 64, 10, 0)["other"]) == [64]
 
 

@@ -654,9 +654,8 @@ def lm_head_grad_norms(model, input_ids, loss_mask):
 
 
 def auto_chunk_size(model, input_ids, method):
-    """Completions per chunk of the reward pass that fit in half the free memory: activations of a
-    forward+backward (logits dominate: ~12 bytes x vocab per token) plus, for vmap, 3 copies of a per-sample
-    gradient (gradient, square, vmap's buffers). A wrong guess is caught by the out-of-memory retry."""
+    """Completions per chunk of the reward pass that fit in half the free memory: a forward+backward's
+    activations (logits: ~12 bytes x vocab per token), for vmap 3 per-sample gradients (OOM: a retry)."""
     c, device = model.config, input_ids.device
     per_sample = input_ids.shape[1] * (12 * c.vocab_size + 48 * c.num_hidden_layers * c.hidden_size)
     if method == "lm_head":  # forward only: logits and softmax, no backward
@@ -1988,9 +1987,10 @@ def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
     for i in range(0, len(w), rows):
         logps = policy_logps(model, rollouts.input_ids[i:i + rows].to(model.device), cfg.temperature)[0]
         per_row = (logps * w[i:i + rows].to(logps.device)).sum(1)  # [rows]: each completion's log-prob
-        parts.append(torch.stack([torch.cat([g.flatten().float() for g in torch.autograd.grad(
-            per_row @ a[i:i + rows].to(per_row), params, retain_graph=True)]) for a in advantages]))
-    return torch.stack(parts, 1) if per_prompt else sum(parts)
+        d = torch.stack([torch.cat([g.flatten().float() for g in torch.autograd.grad(
+            per_row @ a[i:i + rows].to(per_row), params, retain_graph=True)]) for a in advantages])  # [S, n]
+        parts = [*parts, d] if per_prompt or not parts else [parts[0] + d]  # the whole batch's: a running sum
+    return torch.stack(parts, 1) if per_prompt else parts[0]
 
 
 def alignment(directions, names, n_prompts, draws, seed):
@@ -1998,13 +1998,13 @@ def alignment(directions, names, n_prompts, draws, seed):
     answers') over `draws` random subsets Q of B = 8, 16, 32... < P of the P prompts of directions [S, P, n],
     and for the whole batch (B = n_prompts), from P x P Gram matrices; a zero sum (gt's: no group mixed) has
     no cosine and is left out."""
-    d, P, out = directions.double(), directions.shape[1], {name: {} for name in names}
-    grams = torch.cat([d @ d[-1].T, d @ d.transpose(1, 2)])  # [2S, P, P]: with the last row, with itself
+    (S, P, _), d, out = directions.shape, directions, {name: {} for name in names}  # float32 d
+    grams = torch.cat([d @ d[-1].T, d @ d.transpose(1, 2)]).double()  # [2S, P, P]: with the last row, itself
     for size in [2 ** k for k in range(3, P.bit_length()) if 2 ** k < P] + [P]:
         draw = torch.rand(draws if size < P else 1, P, generator=torch.Generator().manual_seed(seed + size))
         pick = torch.zeros_like(draw).scatter_(1, draw.argsort(1)[:, :size], 1.0).double()  # [draws, P] 0/1
         sums = torch.einsum("dp,spq,dq->sd", pick, grams, pick)  # [2S, draws]: 1_Q^T gram 1_Q
-        for name, cos in zip(names, sums[:len(d)] / (sums[len(d):] * sums[-1]).sqrt()):
+        for name, cos in zip(names, sums[:S] / (sums[S:] * sums[-1]).sqrt()):
             low, high = torch.nanquantile(cos, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
             out[name][size if size < P else n_prompts] = (cos.nanmean().item(), low, high)
     return out
