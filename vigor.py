@@ -113,8 +113,8 @@ class Config:
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", "> 0")
     gradient_checkpointing: bool = arg(False, "recompute activations in the update (the reward pass: never)")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
-    parallelism: str = arg("ddp", "under torchrun: ddp (each rank holds the model) or fsdp (FSDP2 shards "
-                           "weights, gradients, AdamW states; no LoRA, reward per_layer)", ("ddp", "fsdp"))
+    parallelism: str = arg("ddp", "under torchrun: ddp (each rank holds the model) or fsdp (FSDP2 shards the "
+                           "weights, grads, AdamW; no LoRA; norms per_layer or lm_head)", ("ddp", "fsdp"))
     # data
     train_data: dict = arg(SYNTHETIC_TRAIN, "RL prompts: {path, name, split, prompt_column, answer_column, "
                            "limit}; path: synthetic, a json/jsonl/csv/parquet file, a folder or a hub name")
@@ -711,7 +711,7 @@ def train(cfg: Config) -> dict:
         if gold is None:
             raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
     if (cfg.reward == "gt" or cfg.alignment_every) and answers is None:
-        raise DataError("reward 'gt' and alignment_every need answers: set train_data.answer_column")
+        raise DataError("reward 'gt' (or alignment_every) needs answers: set train_data.answer_column")
     run_dir = check_run_dir(cfg)
     if rank > 0:
         barrier()  # rank 0 builds (or finds) the tiny model's warm start; the others then read its cache
