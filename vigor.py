@@ -1989,7 +1989,7 @@ def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
         per_row = (logps * w[i:i + rows].to(logps.device)).sum(1)  # [rows]: each completion's log-prob
         d = torch.stack([torch.cat([g.flatten().float() for g in torch.autograd.grad(
             per_row @ a[i:i + rows].to(per_row), params, retain_graph=True)]) for a in advantages])  # [S, n]
-        parts = [*parts, d] if per_prompt or not parts else [parts[0] + d]  # the whole batch's: a running sum
+        parts = [*parts, d] if per_prompt or not parts else [parts[0].add_(d)]  # whole batch: summed in place
     return torch.stack(parts, 1) if per_prompt else parts[0]
 
 
