@@ -3,6 +3,7 @@ loop, the training loop end to end, resume after SIGKILL, and every bad input. R
 import concurrent.futures
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -23,8 +24,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import vigor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# small enough for a 2-core CPU: a short warm start, 4 prompts x G=4, 6 steps
-QUICK = {"warmstart_steps": 30, "steps": 6, "prompts_per_step": 4, "num_generations": 4, "save_every": 2,
+# small enough for a 2-core CPU: the shipped tiny model, 4 prompts x G=4, 6 steps
+QUICK = {"steps": 6, "prompts_per_step": 4, "num_generations": 4, "save_every": 2,
          "lr": 1e-4, "max_completion_length": 12,
          "eval_data": [{"path": "synthetic", "split": "test", "answer_column": "answer", "limit": 16}]}
 TIMING = ("time/", "step_time", "gen/tokens_per_s")
@@ -740,6 +741,18 @@ def test_grading_synthetic_gsm8k_and_boxed():
         assert vigor.is_correct(row["solution"], row["answer"])
 
 
+def test_signed_zeros_are_zero_and_integers_compare_exactly_at_any_size():
+    for zero in ("-0", "-0.0", "+0", "0.0", "0"):
+        for fmt, text in (("last_number", f"so {zero}"), ("gsm8k", f"#### {zero}"), ("boxed", f"\\boxed{{{zero}}}")):
+            if not (fmt == "gsm8k" and zero == "+0"):  # lm-eval's strict match reads no sign but minus
+                assert vigor.is_correct(text, "0", fmt) and vigor.is_correct("0", zero), (zero, fmt)
+    big = 2**53 + 1  # 9007199254740993: as a float it is 9007199254740992
+    assert not vigor.is_correct(str(big), str(big - 1)) and not vigor.is_correct(str(big - 1), str(big))
+    assert vigor.is_correct(f"#### {big:,}", str(big), "gsm8k") and vigor.is_correct(str(10**30 + 7), str(10**30 + 7))
+    assert not vigor.is_correct(str(10**30 + 7), str(10**30 + 8))
+    assert vigor.is_correct("1000.0", "#### 1,000") and vigor.is_correct("-12", "-12.0") and not vigor.is_correct("12", "-12")
+
+
 def test_synthetic_splits_are_disjoint():
     splits = [{r["prompt"] for r in vigor.synthetic_split(s)} for s in ("warmstart", "train", "test", "validation")]
     assert [len(x) for x in splits] == [4000, 2000, 1000, 500]
@@ -1179,7 +1192,7 @@ def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
     rule's table, the claims judged at each lr, and the plot."""
     sets = [{"path": "synthetic", "split": "test", "limit": 16}, {"path": "synthetic", "split": "validation", "limit": 8}]
     rows = "vigor,vigor_no_rank,self_certainty,gt,random"
-    vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3", "--warmstart_steps", "30",
+    vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3",
                 "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12", "--rows", rows,
                 "--eval_samples", "2", "--eval_every", "1", "--eval_data", json.dumps(sets), "--lr", "1e-4",
                 "--lrs", "1e-4,5e-5"])
@@ -1205,8 +1218,7 @@ def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
         assert saved["task"] == regime and saved["lr"] == 5e-5
         log = read_jsonl(os.path.join(run, "metrics.jsonl"))
         assert [m["step"] for m in log if "eval/validation/accuracy" in m] == [0, 1, 2, 3]  # every eval_every
-    for text in ("the starting model before RL", "pass@2", "rank 1 / G, step 1", "greedy at the validation peak",
-                 "KL, last 20% of steps", "greedy gain on test over the starting model"):
+    for text in ("the starting model before RL", "pass@2", "rank 1 / G, step 1", "KL, last 20% of steps", "greedy gain on test over the starting model"):
         assert text in table and text in printed, text
     run = os.path.join(out_dir, "study-base-vigor-lr1e-04-s7")
     slope, bias = vigor.length_bias(run)
@@ -1230,7 +1242,7 @@ def test_study_batch_grid_has_a_row_per_reward_and_batch_and_reuses_finished_run
     where = os.path.join(out_dir, "batch-grid")  # study.md of its own
     sets = [{"path": "synthetic", "split": "test", "limit": 8}, {"path": "synthetic", "split": "validation", "limit": 4}]
     args = ["study", "--seeds", "7", "--regimes", "sft", "--rows", "vigor,gt,random", "--lrs", "",
-            "--prompts_per_steps", "2,4", "--out_dir", where, "--steps", "2", "--warmstart_steps", "30",
+            "--prompts_per_steps", "2,4", "--out_dir", where, "--steps", "2",
             "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12",
             "--eval_samples", "2", "--eval_data", json.dumps(sets)]
     # every group mixed (30 warm-start steps solve nothing): gt then has a step for the alignment to compare with
@@ -1263,6 +1275,15 @@ def test_study_batch_grid_has_a_row_per_reward_and_batch_and_reuses_finished_run
         f.writelines(lines[:-1])  # the final evaluation's line: the run stopped after its last checkpoint
     vigor.main(args)
     assert trained == ["study-sft-random-lr2e-05-p2-s7"] and json.loads(open(stopped).readlines()[-1])["final"]
+    for suffix in ("-p2", ""):  # 10 trained steps, the alignment +0.9 at step 1 and -0.9 after: the claim reads step 1
+        path = os.path.join(where, f"study-sft-vigor-lr2e-05{suffix}-s7", "metrics.jsonl")
+        rows = read_jsonl(path)
+        steps = [{**rows[1], "step": s, "alignment": 0.9 if s == 1 else -0.9} for s in range(1, 11)]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in [rows[0], *steps, rows[-1]])
+    vigor.main(args)
+    claims = open(os.path.join(where, "study.md")).read().split("the paper's claims")[1]
+    assert len(re.findall(r"\| vigor's update at step 1 points along gt's: cosine > 0 \| [^|]+ \| \+0\.90 \| yes \|", claims)) == 2
 
 
 def test_each_regime_reads_its_own_settings_before_the_studys_flags():
@@ -1322,7 +1343,7 @@ def test_within_group_correlation_removes_each_groups_means():
 
 
 def signal_args(out_dir, **over):
-    size = {"warmstart_steps": 30, "num_generations": 4, "max_completion_length": 12, "prompts": 4, "eval_samples": 0,
+    size = {"num_generations": 4, "max_completion_length": 12, "prompts": 4, "eval_samples": 0,
             "out_dir": out_dir, **over}
     return [a for k, v in size.items() for a in (f"--{k}", str(v))]
 
@@ -1353,17 +1374,36 @@ def test_signal_scores_are_compute_rewards_on_rollouts_sampled_once(monkeypatch,
         vigor.signal(signal_args(out_dir, train_data="{path: synthetic, answer_column: ''}"))
 
 
-def test_signal_alignment_of_subsets_and_of_the_whole_batch(monkeypatch, out_dir):
+def test_signal_alignment_of_subsets_and_of_the_whole_batch(monkeypatch, out_dir, capsys):
     """9 prompts: random subsets of B = 8 and the whole batch. Where the per-prompt directions would not fit in
-    the reward pass's memory, the whole batch alone, with the same cosine."""
+    free memory (their floor, alignment_bytes, x the measured ALIGNMENT_PEAK), the whole batch alone, with the
+    same cosine; where that does not fit either, or with --alignment false, or when no group is mixed, none
+    (the scores' tables unchanged)."""
     monkeypatch.setattr(vigor, "grade", lambda ro, *a, **k: (torch.arange(len(ro.completions)) % 3 == 0).float())
     report = vigor.signal(signal_args(out_dir, run_name="aligned", prompts=9))
     assert all(list(a) == [8, 9] and all(-1 <= v <= 1 for v in a[8] + a[9]) for a in report["alignment"].values())
     assert all(a[8][1] <= a[8][0] <= a[8][2] and a[9][1] == a[9][0] == a[9][2] for a in report["alignment"].values())
-    monkeypatch.setattr(vigor, "free_memory", lambda device: 0)
+    n, S = sum(p.numel() for p in tiny_shipped().parameters()), len(vigor.SIGNAL_SCORES) + 1
+    whole_batch = vigor.ALIGNMENT_PEAK * vigor.alignment_bytes(n, S, 9, per_prompt=False)
+    assert whole_batch == vigor.ALIGNMENT_PEAK * 4 * n * (S + 1) < vigor.alignment_bytes(n, S, 9, True) == 4 * n * (S * 9 + 1)
+    free_memory = vigor.free_memory  # the reward pass's chunks as before; the alignment's budget (no cap) set here
+    monkeypatch.setattr(vigor, "free_memory", lambda device, cpu_cap=0: whole_batch if cpu_cap == math.inf else free_memory(device))
     whole = vigor.signal(signal_args(out_dir, run_name="aligned", prompts=9))
     for name, a in whole["alignment"].items():
         assert list(a) == [9] and a[9] == pytest.approx(report["alignment"][name][9], abs=1e-4), name  # float32
+    monkeypatch.setattr(vigor, "free_memory", lambda device, cpu_cap=0: whole_batch - 1 if cpu_cap == math.inf else free_memory(device))
+    for args, why in ((signal_args(out_dir, run_name="aligned", prompts=9), f"it needs {whole_batch / 2**30:.1f} GiB"),
+                      (signal_args(out_dir, run_name="aligned", prompts=9, alignment="false"), "--alignment false")):
+        skipped = vigor.signal(args)
+        assert why in skipped["alignment_skipped"] and skipped["alignment"] == {name: {} for name in vigor.SIGNAL_SCORES}
+        assert skipped["scores"] == report["scores"]
+    assert "the alignment is skipped: `--alignment false`" in capsys.readouterr().out
+    monkeypatch.setattr(vigor, "grade", lambda ro, *a, **k: torch.zeros(len(ro.completions)))  # no mixed group
+    assert vigor.signal(signal_args(out_dir, run_name="aligned", prompts=9))["alignment_skipped"].startswith("no group")
+
+
+def tiny_shipped():
+    return vigor.load_model(vigor.tiny_base_model(vigor.Config()), vigor.Config(), torch.device("cpu"), torch.float32)[0]
 
 
 def test_signal_agrees_with_the_rank_table_of_trainings_first_step(out_dir):
@@ -1448,16 +1488,51 @@ def test_alignment_is_logged_against_gold_answers_step(monkeypatch):
         vigor.make_config({"alignment_every": 5, "parallelism": "fsdp", "grad_norm_method": "per_layer"})
 
 
-def test_peak_is_chosen_on_validation_and_reported_on_test():
-    """The validation peak (step 30) is reported with its test value, though test peaks elsewhere (step 15);
-    step 0 (the base model) is never a candidate, and ties go to the earliest step."""
-    log = [{"step": 0, "eval/validation/accuracy": 0.9, "eval/test/accuracy": 0.9},
-           {"step": 15, "eval/validation/accuracy": 0.2, "eval/test/accuracy": 0.8},
-           {"step": 16, "kl": 0.1},
-           {"step": 30, "eval/validation/accuracy": 0.5, "eval/test/accuracy": 0.3},
-           {"step": 45, "eval/validation/accuracy": 0.5, "eval/test/accuracy": 0.6},
-           {"step": 50, "final": True, "eval/validation/accuracy": 0.4, "eval/test/accuracy": 0.7}]
-    assert vigor.peak(log, "eval/validation/accuracy", "eval/test/accuracy") == (0.3, 30)
+def test_update_directions_are_float32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast (CPU) the direction is the update's (cosine >= 0.9999 with the first update's
+    change), and the advantages reach it unrounded, as they reach the update's float32 loss: scaled by
+    1 + 2^-10, below bf16's resolution, the direction grows by about that factor (rounded to bf16: by ~0)."""
+    rollouts = fixed_rollouts(["0", "1", "2"])
+    cfg = vigor.make_config({"num_generations": 4, "prompts_per_step": 3, "beta": 0.1, "reward": "random",
+                             "micro_batch_size": 5})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        start, _, columns, moved = first_step(cfg, rollouts, monkeypatch)
+        a = columns["advantage"]
+        d = vigor.update_directions(cfg, start, rollouts, torch.stack([a, a * (1 + 2**-10)]))
+    assert d.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(d[0], moved, 0) >= 0.9999
+    grown = (d[1].norm() / d[0].norm()).item() - 1  # the backward's own bf16 matmuls round it again, a little
+    assert 2**-11 < grown < 2**-9, f"the direction grew by {grown}, not about 2^-10: the advantages were rounded"
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_in_the_update_so_step_0_kl_is_0_and_the_ratio_1(tmp_path, monkeypatch, capsys, disable):
+    """A checkpoint with attention_dropout 0.1 (a float the attention function reads in train mode) and
+    resid/embd dropout (nn.Dropout modules): by default (disable_dropout) the update's first iteration sees the
+    model that sampled, the old log-probs (num_iterations 2) and the reference: ratio and k3 exactly 1 and 0.
+    disable_dropout false keeps dropout, and then they differ."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    tok = vigor.char_tokenizer()
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       attention_dropout=0.1, resid_pdrop=0.1, embd_pdrop=0.1, pad_token_id=0,
+                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    seen, loss = [], vigor.grpo_token_loss
+    monkeypatch.setattr(vigor, "grpo_token_loss", lambda logps, old, ref, *a: seen.append((logps.detach(), old, ref))
+                        or loss(logps, old, ref, *a))
+    cfg = quick(str(tmp_path / "runs"), model=str(tmp_path / "m"), reward="random", steps=1, num_iterations=2,
+                eval_samples=0, disable_dropout=disable, micro_batch_size=64)
+    vigor.train(cfg)
+    logps, old, ref = seen[0]  # the first iteration's micro-batch: the policy has not moved yet
+    kl = read_jsonl(os.path.join(str(tmp_path / "runs"), "vigor", "metrics.jsonl"))[1]["kl"]
+    said = "disable_dropout: 18 dropout rates of the policy and the reference set to 0" in capsys.readouterr().out
+    if disable:
+        assert torch.equal(logps, old) and torch.equal(logps, ref) and kl == 0 and said
+    else:
+        assert not torch.equal(logps, old) and kl > 0 and not said
 
 
 def test_eval_sets_are_named_by_their_split_or_file():
@@ -1510,21 +1585,58 @@ def test_the_answer_only_share():
         assert not any(alone) if direct == 0 else 0.4 < sum(alone) / len(alone) < 0.6
 
 
-def test_warm_start_is_deterministic_cached_and_keyed_by_the_corpus(tmp_path, monkeypatch):
+def test_model_tiny_is_the_shipped_warm_start_and_a_changed_recipe_is_refused(tmp_path):
+    """model tiny loads tiny_configs/tiny-<task>/ as shipped (no training); its recipe.json's key is the recipe's
+    (settings, data, architecture, code); another recipe setting, or other code of the recipe, is refused with
+    the command that builds it; a docstring or a comment is not the recipe."""
     from safetensors.torch import load_file
-    folder = vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3))
-    other = vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "b"), warmstart_steps=3))
-    a, b = (load_file(os.path.join(f, "model.safetensors")) for f in (folder, other))
-    assert os.path.basename(folder) == os.path.basename(other) and all(torch.equal(a[k], b[k]) for k in a)
-
-    def no_training(*args):
-        raise RuntimeError("trained again")
-    monkeypatch.setattr(vigor, "warmstart_sequence", no_training)
-    assert vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), warmstart_steps=3)) == folder  # cached
+    for task in ("base", "sft"):
+        folder = vigor.tiny_base_model(vigor.Config(task=task))
+        assert folder == os.path.join(HERE, "tiny_configs", f"tiny-{task}")
+        recipe = json.load(open(os.path.join(folder, "recipe.json")))
+        weights = open(os.path.join(folder, "model.safetensors"), "rb").read()
+        assert recipe["model.safetensors sha256"] == __import__("hashlib").sha256(weights).hexdigest()
+        model, _ = vigor.load_model(folder, vigor.Config(), torch.device("cpu"), torch.float32)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in load_file(os.path.join(folder, "model.safetensors")).items())
     for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"direct_share": 0.25},
-                 {"task": "sft"}, {"warmstart_steps": 4}):
-        with pytest.raises(RuntimeError, match="trained again"):  # another key: no cache to find
-            vigor.tiny_base_model(vigor.Config(out_dir=str(tmp_path / "a"), **{"warmstart_steps": 3, **over}))
+                 {"warmstart_steps": 30}, {"warmstart_lr": 1e-3}):
+        with pytest.raises(vigor.ConfigError, match=f"differs in: {list(over)[0]}.*python vigor.py warmstart OUT"):
+            vigor.tiny_base_model(vigor.Config(**over))
+    source = open(vigor.__file__).read()
+    commented = source.replace('    """One sequence of the warm start', '    # a comment\n    """A sequence of the warm start', 1)
+    changed = source.replace("ids[-1] = tok.eos_token_id  # the document", "ids[-1] = tok.pad_token_id  # the document", 1)
+    assert commented != source and changed != source
+    for name, text in (("commented", commented), ("changed", changed)):  # a copy of vigor.py beside the shipped folders
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tiny_configs").symlink_to(os.path.join(HERE, "tiny_configs"))
+        (folder / "vigor.py").write_text(text)
+        spec = importlib.util.spec_from_file_location(f"vigor_{name}", folder / "vigor.py")
+        copy_of_vigor = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copy_of_vigor)
+        if name == "changed":
+            with pytest.raises(copy_of_vigor.ConfigError, match="differs in: the code of warmstart_sequence"):
+                copy_of_vigor.tiny_base_model(copy_of_vigor.Config())
+        else:
+            assert copy_of_vigor.tiny_base_model(copy_of_vigor.Config()) == str(folder / "tiny_configs" / "tiny-base")
+
+
+def test_warmstart_command_builds_a_reduced_warm_start_that_trains(tmp_path, capsys):
+    """python vigor.py warmstart OUT (a few steps here): the same weights twice, a recipe.json whose key
+    is its settings', and a model that `--model OUT` trains on; an existing OUT is refused."""
+    from safetensors.torch import load_file
+    for out in ("a", "b"):
+        vigor.main(["warmstart", str(tmp_path / out), "--warmstart_steps", "3"])
+    a, b = (load_file(str(tmp_path / out / "model.safetensors")) for out in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recipe = json.load(open(tmp_path / "a" / "recipe.json"))
+    assert recipe["key"] == vigor.warmstart_recipe(vigor.Config(warmstart_steps=3))[1] != vigor.warmstart_recipe(vigor.Config())[1]
+    assert recipe["settings"]["warmstart_steps"] == 3 and f"recipe key {recipe['key']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        vigor.main(["warmstart", str(tmp_path / "a")])
+    assert "OUT (got" in capsys.readouterr().err
+    summary = vigor.train(quick(str(tmp_path / "runs"), model=str(tmp_path / "a"), steps=1, eval_samples=0))
+    assert summary["after"]["eval/test/accuracy"] >= 0
 
 
 def test_random_control_rewards_are_seeded_and_reproducible(out_dir):
@@ -1630,7 +1742,7 @@ CONFIG_FILES_SET = {  # what each small config file is for, checked against what
     "lm_head_only.yaml": {"reward_params": "lm_head", "reward": "vigor"},
     "self_certainty.yaml": {"reward": "self_certainty"},
     "gt.yaml": {"reward": "gt"},
-    "quick.yaml": {"steps": 10, "warmstart_steps": 200},
+    "quick.yaml": {"steps": 10},
     "sft.yaml": {"task": "sft", "lr": 2e-5}}  # the calibrated step size of the fine-tuned regime
 
 
@@ -1896,6 +2008,26 @@ dist.destroy_process_group()
         proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_trl_adapter_refuses_fsdp1_wrapping_the_root_alone(use_orig_params):
+    """accelerate's FSDP1 may wrap only the root: the adapter holds the inner module, whose weights FSDP1 then
+    marks as flattened (torch's own marker, use_orig_params) or takes away into its flat parameter (without).
+    FSDP1 needs a GPU, so a stand-in does to the inner module what FSDP1 does."""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+    model, tok = tiny_model(False, vocab=len(vigor.char_tokenizer())), vigor.char_tokenizer()
+    reward = vigor.TRLReward(model, tok, 4)
+    assert len(reward(["1+2="] * 4, ["3"] * 4, [[5, 1]] * 4)) == 4
+    for module in model.modules():
+        for name, p in [(n, p) for n, p in module._parameters.items() if p is not None]:
+            if use_orig_params:
+                _set_fsdp_flattened(p)
+            else:  # the module keeps a plain tensor where its parameter was
+                del module._parameters[name]
+                setattr(module, name, p.detach())
+    with pytest.raises(vigor.ConfigError, match="hold the whole weights, and FSDP shards them"):
+        reward(["1+2="] * 4, ["3"] * 4, [[5, 1]] * 4)
+
+
 def test_trl_adapter_groups_evaluation_by_trls_eval_group_size(out_dir):
     """TRL groups evaluation completions by num_generations_eval, and tells evaluation by model.training."""
     cfg = quick(out_dir)
@@ -1984,7 +2116,7 @@ def test_readme_trl_example_runs_as_written(tmp_path):
     start), in a fresh folder."""
     pytest.importorskip("trl")
     code = re.search(r"## VIGOR in TRL.*?```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
-    sizes = {"max_steps=100": "max_steps=2", "16 * G": "2 * G", "vigor.Config()": "vigor.Config(warmstart_steps=30)"}
+    sizes = {"max_steps=100": "max_steps=2", "16 * G": "2 * G"}
     for shown, small in sizes.items():
         assert code.count(shown) == 1, shown
         code = code.replace(shown, small)
@@ -1996,7 +2128,7 @@ def test_readme_trl_example_runs_as_written(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # every command the README shows, run here (size settings appended) or named with what runs it
 # ---------------------------------------------------------------------------------------------------
-SIZE = ("--warmstart_steps 30 --steps 2 --prompts_per_step 4 --num_generations 4 --max_completion_length 12 "
+SIZE = ("--steps 2 --prompts_per_step 4 --num_generations 4 --max_completion_length 12 "
         "--eval_samples 2 --eval_data '[{path: synthetic, split: test, limit: 16}, "
         "{path: synthetic, split: validation, limit: 8}]'")  # size settings only
 OFFLINE = "(needs network)"  # what a hub model or data set stops with on a machine with no hub

@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -53,6 +54,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tokenize
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -81,21 +83,22 @@ BOUNDS = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v
 SYNTHETIC_TRAIN = {"path": "synthetic", "split": "train", "prompt_column": "prompt",
                    "answer_column": "answer"}
 SYNTHETIC_TEST = {**SYNTHETIC_TRAIN, "split": "test", "limit": 500}
-SYNTHETIC_VALIDATION = {**SYNTHETIC_TRAIN, "split": "validation", "limit": 200}  # the study's peak selection
 
 
 @dataclass
 class Config:
     # run
     run_name: str = arg("vigor", "run folder name, under out_dir")
-    out_dir: str = arg("runs", "where run folders (and the tiny model's warm-start cache) are written")
+    out_dir: str = arg("runs", "where run folders are written")
     resume: bool = arg(True, "continue an existing run folder from its last checkpoint; false: refuse to")
     seed: int = arg(7, "seed for sampling, data order and initialisation (authors: 7)")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA, under autocast; the weights stay float32, "
                      "where lr-2e-6 updates are not rounded away)", ("auto", "float32", "bfloat16"))
     # model
-    model: str = arg("tiny", "'tiny' (built and warm-started here), a local folder or a hub name")
+    model: str = arg("tiny", "'tiny': the shipped warm start of `task` (tiny_configs/tiny-<task>/, made by "
+                     "`python vigor.py warmstart`), a local folder or a hub name")
+    # the tiny model's warm-start recipe (`python vigor.py warmstart`); model tiny checks the shipped one's
     tiny_model_config: str = arg("tiny_configs/tiny_qwen2.json", "Qwen2 architecture of the tiny model")
     task: str = arg("base", "the tiny model's warm start. base: language modelling of documents of solved "
                     "problems, EOS at a document's end (the paper's regime); sft: prompt -> solution pairs, "
@@ -112,6 +115,8 @@ class Config:
                       "(as the authors') and the reference is the model with its adapter off", ">= 0")
     lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)", "> 0")
     gradient_checkpointing: bool = arg(False, "recompute activations in the update (the reward pass: never)")
+    disable_dropout: bool = arg(True, "dropout off in policy and reference (TRL's name); else the update "
+                                "(train mode) sees another model than sampling: k3 > 0 at step 0, ratio != 1")
     trust_remote_code: bool = arg(False, "allow a hub model to run its own Python code (off: never)")
     parallelism: str = arg("ddp", "under torchrun: ddp (each rank holds the model) or fsdp (FSDP2 shards the "
                            "weights, grads, AdamW; no LoRA; norms per_layer or lm_head)", ("ddp", "fsdp"))
@@ -665,12 +670,12 @@ def auto_chunk_size(model, input_ids, method):
     return max(1, min(len(input_ids), int(free_memory(device) * 0.5 // per_sample)))
 
 
-def free_memory(device):
-    """Bytes the reward pass counts as free: CUDA's count; on a CPU psutil's (from peft), at most 2 GiB."""
+def free_memory(device, cpu_cap=2 * 2**30):
+    """Bytes counted as free: CUDA's count; on a CPU psutil's (from peft), at most cpu_cap (reward pass)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     import psutil  # the CPU cap: SmolLM2-135M's signal peaks at 2.6 GB RSS with it, 20.3 GB without
-    return min(psutil.virtual_memory().available, 2 * 2**30)
+    return min(psutil.virtual_memory().available, cpu_cap)
 
 
 def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
@@ -712,12 +717,8 @@ def train(cfg: Config) -> dict:
             raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
     if (cfg.reward == "gt" or cfg.alignment_every) and answers is None:
         raise DataError("reward 'gt' (or alignment_every) needs answers: set train_data.answer_column")
-    run_dir = check_run_dir(cfg)
-    if rank > 0:
-        barrier()  # rank 0 builds (or finds) the tiny model's warm start; the others then read its cache
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
-    if rank == 0:
-        barrier()
+    run_dir = check_run_dir(cfg)
     ckpt = latest_checkpoint(run_dir)
     # before the models (a LoRA adapter's initialisation is random); each rank samples its own completions
     torch.manual_seed(cfg.seed + 1_000_003 * rank)
@@ -1044,12 +1045,17 @@ def gold_answer(gold):
 
 
 def normalize_answer(answer):
+    """The answer's text without spacing, LaTeX sizing and thousands commas; a number as its value: an integer
+    exactly at any size (floats round past 2^53), -0 as 0."""
     s = re.sub(r"\\text\{(.*?)\}|\\left|\\right|\\[!,;: ]|\$|\s", r"\1", answer).rstrip(".")
     s = THOUSANDS.sub("", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    if re.fullmatch(r"[-+]?\d+", s):
+        return str(int(s))
     try:
-        return repr(float(s))
+        value = float(s)
     except ValueError:
         return s
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value + 0.0)
 
 
 PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
@@ -1126,22 +1132,10 @@ def warmstart_sequence(cfg, rows, rng, tok, length):
     return ids[:length], weights[:length]
 
 
-def tiny_base_model(cfg: Config) -> str:
-    """Folder of the warm-started tiny model: built once, cached under out_dir, keyed by what shapes it."""
+def train_warmstart(cfg: Config, arch: dict, rows: list):
+    """(model, tokenizer): the tiny model trained from scratch by its warm-start recipe (`warmstart_sequence`,
+    warmstart_steps of AdamW on a cosine schedule). Seeded: the same machine gives the same weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    arch_path = cfg.tiny_model_config
-    if not os.path.isfile(arch_path):
-        arch_path = os.path.join(HERE, cfg.tiny_model_config)
-    if not os.path.isfile(arch_path):
-        raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
-    arch, rows = json.load(open(arch_path)), synthetic_split("warmstart")
-    shaped_by = [arch, rows, cfg.warmstart_steps, cfg.warmstart_lr, cfg.direct_share, cfg.task]
-    if cfg.task == "base":
-        shaped_by += [cfg.doc_problems, cfg.wrong_share, cfg.prompt_weight]
-    key = hashlib.sha256(json.dumps(shaped_by).encode()).hexdigest()[:12]
-    folder = os.path.join(cfg.out_dir, "cache", f"tiny-warmstart-{key}")
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
     tok = char_tokenizer()
     torch.manual_seed(0)  # the warm start is the "base model": the same for every RL seed
     model = Qwen2ForCausalLM(Qwen2Config(**arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
@@ -1158,9 +1152,56 @@ def tiny_base_model(cfg: Config) -> str:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    with atomic(folder) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    return model, tok
+
+
+def code_tokens(*functions):
+    """The functions' code as Python reads it: its tokens, without docstrings, comments or layout (the same
+    on Python 3.9 to 3.13)."""
+    code, marks = [], {tokenize.INDENT: "{", tokenize.DEDENT: "}", tokenize.NEWLINE: ";"}
+    for function in functions:
+        source = inspect.getsource(function)
+        node = ast.parse(source).body[0]
+        doc = range(node.body[0].lineno, node.body[0].end_lineno + 1) if ast.get_docstring(node) else ()
+        code += [marks.get(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if t.type not in (tokenize.COMMENT, tokenize.NL) and t.start[0] not in doc]
+    return code
+
+
+RECIPE_CODE = code_tokens(warmstart_sequence, train_warmstart)  # at import: the code that runs, not the file
+
+
+def warmstart_recipe(cfg: Config):
+    """(settings, key, architecture): the settings that shape the tiny model's warm start, and the hash of all
+    that does (those settings, the architecture, the data, and the code of `warmstart_sequence` and
+    `train_warmstart` as Python parses it: no docstring, comment or layout). The key is stored beside the
+    shipped weights, so that a changed recipe cannot pass for them."""
+    path = cfg.tiny_model_config
+    path = path if os.path.isfile(path) else os.path.join(HERE, path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"tiny_model_config not found: {cfg.tiny_model_config}")
+    arch = json.load(open(path))
+    names = ["task", "warmstart_steps", "warmstart_lr", "direct_share"]
+    names += ["doc_problems", "wrong_share", "prompt_weight"] if cfg.task == "base" else []
+    settings = {k: getattr(cfg, k) for k in names}
+    recipe = [settings, arch, synthetic_split("warmstart"), RECIPE_CODE]
+    return settings, hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12], arch
+
+
+def tiny_base_model(cfg: Config) -> str:
+    """The folder of `model: tiny`: the shipped warm start of `task`, tiny_configs/tiny-<task>/ (the weights
+    every number of the README was measured on), once its stored recipe key is this code's and settings'."""
+    folder = os.path.join(HERE, "tiny_configs", f"tiny-{cfg.task}")
+    settings, key, _ = warmstart_recipe(cfg)
+    path = os.path.join(folder, "recipe.json")
+    shipped = json.load(open(path)) if os.path.isfile(path) else {"key": None, "settings": {}}
+    if shipped["key"] != key:
+        changed = [k for k in settings if shipped["settings"].get(k) != settings[k]] or [
+            "the code of warmstart_sequence or train_warmstart, the data or the architecture"]
+        flags = " ".join(f"--{k} {v}" for k, v in settings.items())
+        raise ConfigError(f"model 'tiny' is the shipped warm start {folder} (recipe key {shipped['key']}); "
+                          f"this recipe (key {key}) differs in: {', '.join(changed)}. Build it with `python "
+                          f"vigor.py warmstart OUT {flags}` (~40 s) and train with --model OUT")
     return folder
 
 
@@ -1202,10 +1243,31 @@ def load_policy(cfg, base, ckpt, device, dtype, reference=True):
                               target_modules="all-linear")
             policy = get_peft_model(model, lora)
         ref = None
+    off = sum(without_dropout(m) for m in (policy, ref) if m is not None and cfg.disable_dropout)
+    if off and rank_and_world()[0] == 0:
+        print(f"disable_dropout: {off} dropout rates of the policy and the reference set to 0")
     if cfg.gradient_checkpointing:  # active in train mode only: the reward pass (eval mode) is untouched
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.disable_input_require_grads()  # its hook calls requires_grad_(), which torch.func forbids
     return policy, tok, ref
+
+
+def without_dropout(model):
+    """Sets every dropout rate of the model to 0 and returns how many were not: nn.Dropout modules (what TRL's
+    disable_dropout does) and the float rates that attention functions read in train mode from their module
+    or the config (Qwen2's `dropout=0.0 if not self.training else self.attention_dropout`)."""
+    from transformers import PretrainedConfig
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    configs = [c for c in configs if isinstance(c, PretrainedConfig)]
+    configs += [v for c in configs for v in vars(c).values() if isinstance(v, PretrainedConfig)]  # nested
+    off = 0
+    for obj in [*model.modules(), *configs]:  # a config seen twice has no rate left the second time
+        rates = [k for k, v in vars(obj).items() if "drop" in k and isinstance(v, float) and v > 0]
+        rates += ["p"] if isinstance(obj, torch.nn.modules.dropout._DropoutNd) and obj.p > 0 else []
+        for k in rates:
+            setattr(obj, k, 0.0)
+        off += len(rates)
+    return off
 
 
 def end_of_turn_id(tok):
@@ -1727,14 +1789,6 @@ def rank_correctness(run_dir, fraction=0.2):
     return table
 
 
-def peak(log, select, report):
-    """The authors' kind of checkpoint selection (their best checkpoint by gold accuracy), made here on a
-    held-out set: (`report` and the step) of the evaluation during or after training with the best `select`
-    (ties: the earliest)."""
-    best = max((m for m in log if m["step"] > 0 and select in m), key=lambda m: m[select])
-    return best[report], best["step"]
-
-
 STUDY = {"vigor": {}, "vigor_no_sqrt_t": {"sqrt_t": False}, "vigor_no_rank": {"rank": False},
          "self_certainty": {"reward": "self_certainty"}, "gt": {"reward": "gt"},
          "random": {"reward": "random"}}
@@ -1785,8 +1839,8 @@ def holds(values):
 def study(argv):
     """The paper's comparison in miniature, as a dose-response grid: per regime (the tiny model's warm start,
     `task`), every row at every lr and every prompts_per_step of the grids (the ablations at the regime's own
-    lr and batch) over the seeds, evaluated on test (reported) and validation (selects the peak) every
-    eval_every steps, the alignment logged every 25. Writes study.md (`study_tables`, also printed). Finished
+    lr and batch) over the seeds, evaluated before and after RL on the first eval set (reported), the
+    alignment logged every 25 steps. Writes study.md (`study_tables`, also printed). Finished
     runs are reused, a stopped one resumed (`study_run`): a study can be run in parts."""
     settings = parse_command_line(argv, "python vigor.py study", StudySettings, Config)[0]
     seeds, lrs = listed(settings.seeds, int, "seeds"), listed(settings.lrs, float, "lrs")
@@ -1798,9 +1852,6 @@ def study(argv):
     for regime in regimes:
         base = regime_config(regime, argv)
         chosen = (base.lr, base.prompts_per_step)
-        # the first eval set is reported; the peak is chosen on the validation split (added if not there)
-        named = [eval_set_name(spec) for spec in base.eval_data]
-        sets = base.eval_data + [SYNTHETIC_VALIDATION] * ("validation" not in named)
         cells = sorted({(lr, chosen[1]) for lr in lrs} | {(chosen[0], n) for n in batches} | {chosen},
                        key=lambda c: (-c[0], c[1]))  # (lr, prompts per step)
         runs = defaultdict(list)  # (row, cell) -> its run folders, one per seed
@@ -1809,11 +1860,11 @@ def study(argv):
                 batch = f"-p{n}" if n != chosen[1] else ""
                 runs[name, (lr, n)].append(study_run(make_config({
                     **dataclasses.asdict(base), **STUDY[name], "task": regime, "seed": seed, "lr": lr,
-                    "prompts_per_step": n, "eval_data": sets, "eval_every": base.eval_every or 15,
-                    "alignment_every": base.alignment_every or 25,
+                    "prompts_per_step": n, "alignment_every": base.alignment_every or 25,
                     "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}{batch}-s{seed}"})))
         if rank_and_world()[0] == 0:  # under torchrun, rank 0 alone writes the tables
-            text += study_tables(regime, runs, seeds, base.eval_samples, eval_set_name(sets[0]), chosen)
+            reported = eval_set_name(base.eval_data[0])
+            text += study_tables(regime, runs, seeds, base.eval_samples, reported, chosen)
     if rank_and_world()[0] == 0:
         write_text_atomically(os.path.join(base.out_dir, "study.md"), text)
 
@@ -1839,7 +1890,7 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     starting model, greedy gain by reward x lr (and batch), every cell in detail, and the paper's claims at
     each lr and batch: their text."""
     logs = {cell: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for cell, dirs in runs.items()}
-    test, val = f"eval/{reported}/", "eval/validation/"
+    test = f"eval/{reported}/"
     columns = sorted({c for _, c in logs}, key=lambda c: (-c[0], c[1]))  # (lr, prompts per step)
     names = list(dict.fromkeys(name for name, _ in logs))
     cells = [(name, c) for name in names for c in columns if (name, c) in logs]
@@ -1867,28 +1918,28 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
                                             else "" for c in columns)) for name in names])
 
     def detail(cell):
-        peaks = [peak(log, val + "accuracy", test + "accuracy") for log in logs[cell]]
         rank_1_and_g = [" / ".join(f"{100 * sum(r[when][i] for r in ranks[cell]) / len(seeds):.0f}"
                                    for i in (0, -1)) for when in ("step 1", "early")]
         return (cell[0], col[cell[1]], over_seeds(cell, lambda log: log[-1][test + "accuracy"]),
                 mean_sd(gains[cell], 100, "+.1f"), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
                 over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"),
-                f"{mean_sd([p[0] for p in peaks])} ({', '.join(str(p[1]) for p in peaks)})", *rank_1_and_g,
+                *rank_1_and_g,
                 *(" -> ".join(over_seeds(cell, lambda log: window_mean(log, key, last), 1, fmt)
                               for last in (False, True))
                   for key, fmt in (("completions/mean_length", ".1f"), ("alignment", "+.2f"))))
     text += "\n\n" + print_table(
         f"{regime}: every cell on {reported}, mean ± sd over seeds: the final model (%; gains in points), "
-        "KL to the reference, the peak chosen on validation (the authors' kind of selection) and its steps, "
-        "% of groups whose best- and worst-scored completions are correct (rank 1 / rank G), length, the "
-        "cosine of the update direction with gold answers' on the same rollouts (`alignment`)",
+        "KL to the reference, % of groups whose best- and worst-scored completions are correct (rank 1 / "
+        "rank G), length, the cosine of the update direction with gold answers' on the same rollouts",
         ["reward", "lr", "greedy, final", "gain", f"mean@{k} gain", "KL, last 20% of steps",
-         "greedy at the validation peak (steps)", "rank 1 / G, step 1", "rank 1 / G, first 20% of steps",
+         "rank 1 / G, step 1", "rank 1 / G, first 20% of steps",
          "mean length, first -> last 20% of steps", "cosine of the update with gt's, first -> last 20%"],
         [detail(cell) for cell in cells])
     rows = []  # (claim, column, per seed, holds)
     for c in [c for c in columns if ("vigor", c) in gains]:
-        vigor, first = gains["vigor", c], [window_mean(log, "alignment", False) for log in logs["vigor", c]]
+        vigor = gains["vigor", c]
+        first = [next((m["alignment"] for m in log if m["step"] == 1 and "alignment" in m), math.nan)
+                 for log in logs["vigor", c]]  # step 1's own, not a window's mean
         claims = [("vigor gains over the starting model", vigor)]
         claims += [(f"vigor gains more than {than} at the same lr and batch",
                     [a - b for a, b in zip(vigor, gains[than, c])])
@@ -1956,6 +2007,8 @@ class SignalSettings:
                       "(random: the chance line)")
     bootstrap: int = arg(2000, "bootstrap resamples of the groups for the 95% intervals (and random subsets "
                          "of prompts for the alignment's)", ">= 1")
+    alignment: bool = arg(True, "the cosine of each score's first update with gt's (skipped anyway when no "
+                          "group is mixed or its directions do not fit in free memory)")
 
 
 def rank_gap(by_rank, resamples, seed):
@@ -1978,19 +2031,35 @@ def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
     """d = sum_i A_i sum_t w_it grad_theta log pi(y_it | x_i, y_i<t) (tempered, as the update) for each
     row of advantages [S, N]: at a first step (ratio 1, the k3 KL's gradient 0) minus the update's gradient up
     to its positive scale (w: `update_mask`, / T_i for loss_type grpo; bnpo taken as dapo). Flattened over the
-    trainable parameters: float32 [S, n], or per_prompt one per group of G rows [S, P, n]."""
+    trainable parameters: float32 [S, n], or per_prompt one per group of G rows [S, P, n]. It holds those
+    directions and one gradient at a time, no more: (S P + 1) 4n or (S + 1) 4n bytes (`alignment_bytes`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     w = update_mask(cfg, rollouts)
     if cfg.loss_type == "grpo":  # each sequence's token mean
         w = w / w.sum(1, keepdim=True).clamp(min=1)
-    rows, parts = cfg.num_generations if per_prompt else cfg.micro_batch_size, []
-    for i in range(0, len(w), rows):
+    rows, (S, N) = cfg.num_generations if per_prompt else cfg.micro_batch_size, advantages.shape
+    n = sum(p.numel() for p in params)
+    out = torch.zeros(S, N // rows if per_prompt else 1, n, device=model.device)  # filled in place: one copy
+    for c, i in enumerate(range(0, N, rows)):
         logps = policy_logps(model, rollouts.input_ids[i:i + rows].to(model.device), cfg.temperature)[0]
         per_row = (logps * w[i:i + rows].to(logps.device)).sum(1)  # [rows]: each completion's log-prob
-        d = torch.stack([torch.cat([g.flatten().float() for g in torch.autograd.grad(
-            per_row @ a[i:i + rows].to(per_row), params, retain_graph=True)]) for a in advantages])  # [S, n]
-        parts = [*parts, d] if per_prompt or not parts else [parts[0].add_(d)]  # whole batch: summed in place
-    return torch.stack(parts, 1) if per_prompt else parts[0]
+        for s in range(S):  # (per_row * a).sum(), not per_row @ a: autocast would round the matmul to bf16
+            grads = torch.autograd.grad((per_row * advantages[s, i:i + rows].to(per_row)).sum(), params,
+                                        retain_graph=s < S - 1)
+            d, start = out[s, c if per_prompt else 0], 0
+            for g in grads:
+                d[start:start + g.numel()] += g.flatten().to(d)
+                start += g.numel()
+            del grads  # before the next score's
+    return out if per_prompt else out[:, 0]
+
+
+def alignment_bytes(n_params, n_directions, n_prompts, per_prompt):
+    """The floor of `update_directions`' memory, in bytes: its float32 directions and one gradient."""
+    return 4 * n_params * (n_directions * (n_prompts if per_prompt else 1) + 1)
+
+
+ALIGNMENT_PEAK = 1.5  # signal's guard: peak RSS that update_directions adds / alignment_bytes (README)
 
 
 def alignment(directions, names, n_prompts, draws, seed):
@@ -2026,8 +2095,8 @@ def signal(argv):
     questions, answers = load_prompts(cfg.train_data)
     if answers is None:
         raise DataError("signal grades every completion: set train_data.answer_column")
-    run_dir = check_run_dir(cfg)
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
+    run_dir = check_run_dir(cfg)
     torch.manual_seed(cfg.seed)  # as `train`: the same seed samples the same rollouts as its first step
     policy, tok, _ = load_policy(cfg, base, None, device, dtype, reference=False)
     prompts, answers = chat_prompts(cfg, tok, questions, answers)
@@ -2041,18 +2110,25 @@ def signal(argv):
         scored = {name: compute_rewards(dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name]), policy,
                                         rollouts) for name in names}
         scored["gt"] = compute_rewards(dataclasses.replace(cfg, reward="gt"), policy, rollouts, correct)
-        started_alignment = time.time()
+        groups, started_alignment = correct.view(-1, G).sum(1), time.time()
+        mixed = int(((groups > 0) & (groups < G)).sum())
         advantages = torch.stack([scored[name]["advantage"] for name in [*names, "gt"]])
         n = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        per_prompt = len(advantages) * len(prompts) * n * 4 <= free_memory(device)  # else the whole batch's
-        directions = update_directions(cfg, policy, rollouts, advantages, per_prompt)
+        free = free_memory(device, math.inf)
+        need = {mode: ALIGNMENT_PEAK * alignment_bytes(n, len(advantages), len(prompts), mode)
+                for mode in (True, False)}
+        per_prompt = need[True] <= free  # else the whole batch's direction alone
+        skip = ("`--alignment false`" if not settings.alignment else "no group is mixed: gt's direction is 0"
+                if not mixed else f"it needs {need[False] / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+                if need[False] > free else "")
+        if skip:
+            print(f"signal: the alignment is skipped: {skip}")
+        directions = None if skip else update_directions(cfg, policy, rollouts, advantages, per_prompt)
     scores = {name: scored[name]["score"] for name in names}
-    groups = correct.view(-1, G).sum(1)
-    report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(),
-              "mixed_groups": int(((groups > 0) & (groups < G)).sum()), "scores": {},
-              "alignment": alignment(directions if per_prompt else directions[:, None], names, len(prompts),
-                                     settings.bootstrap, cfg.seed),
-              "alignment_s": time.time() - started_alignment}
+    report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(), "mixed_groups": mixed,
+              "scores": {}, "alignment": {name: {} for name in names} if skip else alignment(
+                  directions if per_prompt else directions[:, None], names, len(prompts), settings.bootstrap,
+                  cfg.seed), "alignment_s": time.time() - started_alignment, "alignment_skipped": skip}
     for name, score in scores.items():
         gap, low, high = rank_gap(correct_by_rank(score, correct, G), settings.bootstrap, cfg.seed)
         report["scores"][name] = {"accuracy_by_rank": accuracy_by_rank(score, correct, G),
@@ -2145,10 +2221,11 @@ def refuse_what_trl_reward_cannot_score(model, completions, columns):
     """TRLReward needs the whole weights on this process (checked at each call: a trainer shards them after
     the adapter is made), and no tools: their schema sits in TRL's prompt, their results in a completion."""
     from torch.distributed.tensor import DTensor
+    params = list(model.parameters())  # FSDP1 wrapping the root alone flattens the weights of the module held
     sharded = [name for name, yes in (  # ds_id: what ZeRO-3 puts on each weight it shards; DTensor: FSDP2's
-        ("DeepSpeed ZeRO-3", any(hasattr(p, "ds_id") for p in model.parameters())),
-        ("FSDP", any(isinstance(p, DTensor) for p in model.parameters()) or
-         any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()))) if yes]
+        ("DeepSpeed ZeRO-3", any(hasattr(p, "ds_id") for p in params)),
+        ("FSDP", any(isinstance(p, DTensor) or getattr(p, "_fsdp_flattened", False) for p in params) or
+         not params or any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()))) if yes]
     if sharded:
         raise ConfigError(f"TRLReward needs each process to hold the whole weights, and {sharded[0]} shards "
                           "them: use DDP or one process (vigor.py's own trainer takes the norms under FSDP2)")
@@ -2234,9 +2311,30 @@ def check(argv):
         sys.exit(1)
 
 
+def warmstart(argv):
+    """python vigor.py warmstart OUT [--task sft] [--setting value ...]: the tiny model's warm start, trained
+    by its recipe (`train_warmstart`) into a new folder OUT, with recipe.json (settings, key, weights' hash).
+    The shipped tiny_configs/tiny-base and tiny-sft are this command's, with the default settings."""
+    if not argv or argv[0].startswith("--") or os.path.exists(argv[0]):
+        raise ConfigError(f"python vigor.py warmstart OUT [--setting value ...] writes a new folder OUT (got "
+                          f"{argv[:1]}: {'it exists' if argv and os.path.exists(argv[0]) else 'no OUT'})")
+    out, cfg = argv[0], parse_command_line(argv[1:], "python vigor.py warmstart OUT", Config)[0]
+    started, (settings, key, arch) = time.time(), warmstart_recipe(cfg)
+    model, tok = train_warmstart(cfg, arch, synthetic_split("warmstart"))
+    with atomic(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        weights = hashlib.sha256(open(os.path.join(tmp, "model.safetensors"), "rb").read()).hexdigest()
+        recipe = {"key": key, "settings": settings, "model.safetensors sha256": weights,
+                  "built with": f"torch {torch.__version__}, Python {sys.version.split()[0]}"}
+        write_text_atomically(os.path.join(tmp, "recipe.json"), json.dumps(recipe, indent=2) + "\n")
+    print(f"wrote {out} in {time.time() - started:.0f} s: recipe key {key}, model.safetensors {weights}")
+
+
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],
             "rank-table": lambda dirs: [rank_correctness(d) for d in dirs],
-            "plot": plot, "study": study, "signal": signal, "handout": handout, "check": check}
+            "plot": plot, "study": study, "signal": signal, "warmstart": warmstart, "handout": handout,
+            "check": check}
 
 
 def main(argv=None):
