@@ -80,8 +80,7 @@ BOUNDS = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v
           "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
 
 
-SYNTHETIC_TRAIN = {"path": "synthetic", "split": "train", "prompt_column": "prompt",
-                   "answer_column": "answer"}
+SYNTHETIC_TRAIN = dict(path="synthetic", split="train", prompt_column="prompt", answer_column="answer")
 SYNTHETIC_TEST = {**SYNTHETIC_TRAIN, "split": "test", "limit": 500}
 
 
@@ -215,8 +214,7 @@ def grad_norms(model, input_ids, loss_mask, chunk_size=None):
     torch.func: `grad` of one sequence's loss through `functional_call`, `vmap`ped over the batch, so
     the B per-sample gradients are exact (no cross-talk) and only `chunk_size` of them exist at once.
     Right padding needs no attention mask (pads come after every real token and carry no loss).
-    Parameters with requires_grad=False (a frozen body under LoRA) are constants. Returns float32 [B].
-    """
+    Parameters with requires_grad=False (a frozen body under LoRA) are constants. Returns float32 [B]."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
     frozen.update(dict(model.named_buffers()))
@@ -250,9 +248,8 @@ def rank_rewards(scores, group_size):
 
 
 def share_identical(rewards, completion_ids, group_size):
-    """Identical completions in a group get the mean of their rewards: the same text must not be pushed
-    both up and down by a tie rule. If all G are identical, every advantage is zero and the group's only
-    gradient is the beta * KL term's."""
+    """Identical completions in a group get the mean of their rewards: a tie rule must not push the same text
+    both up and down. All G identical: every advantage is zero, only the beta * KL term has a gradient."""
     out = rewards.clone()
     for i, ids in enumerate(completion_ids):
         group = range(i - i % group_size, i - i % group_size + group_size)
@@ -470,7 +467,8 @@ def grpo_update(cfg, policy, ref, rollouts, advantages, optimizer, scheduler, wr
             sums = {"loss": loss.detach(), "kl": (kl.detach() * mask[b]).sum(),
                     "clipped": (clipped.float() * mask[b]).sum(), "entropy": entropy(logits, mask[b])}
             totals = {k: totals.get(k, 0) + v.double() for k, v in sums.items()}
-        update_norm = clipped_update_norm(policy, cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)  # before clipping
+        update_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
         totals = {k: v.item() for k, v in sum_over_ranks(totals).items()}
         if not (math.isfinite(totals["loss"]) and math.isfinite(update_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -543,8 +541,7 @@ def step_metrics(columns, G):
 def per_layer_grad_norms(model, input_ids, loss_mask):
     """The same exact norms as `grad_norms`, from ONE batched backward of sum_b l_b (samples do not interact,
     so it yields every sample's activation gradients). Per layer, with a_t its input and g_t its output grad:
-        Linear W:  ||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)   (two T x T Grams, or the
-                   dout x din per-sample gradient when that is smaller);  bias: ||sum_t g_t||^2
+        Linear W:  ||sum_t g_t a_t^T||^2  (`linear_grad_sq_norms`);  bias: ||sum_t g_t||^2
         RMSNorm w: ||sum_t g_t * xhat_t||^2;  embedding: sum of g_t . g_s over pairs of positions with one id
         tied head/embedding: + 2 <head grad, embedding grad> = 2 sum_{s,t} q_s[id_t] (h_s . e_t)
     No parameter gets a gradient (the weight-gradient matmuls are skipped); per-sample gradients of the whole
@@ -701,8 +698,7 @@ def chunked_scores(score_of, model, input_ids, loss_mask, chunk):
 # --- Training and evaluation --------------------------------------------------------------------------------
 def train(cfg: Config) -> dict:
     """The whole run: data, models, optional resume, evaluation before/after, RL steps, final save. Under
-    torchrun every rank runs this same function on its share of each step's prompts; rank 0 alone prints and
-    writes."""
+    torchrun every rank runs it on its share of each step's prompts; rank 0 alone prints and writes."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
     started = time.time()
@@ -734,8 +730,7 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     total = max(1, cfg.steps * cfg.num_iterations)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    state = {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
-    start = 0
+    start, state = 0, {"bad_in_a_row": 0, "skipped_steps": 0, "eval_before": None}
     if ckpt:
         start, state = load_checkpoint(ckpt, policy, optimizer, scheduler)
         say(f"resuming {run_dir} from {os.path.basename(ckpt)} (step {start}/{cfg.steps})")
@@ -915,9 +910,8 @@ def print_group(run_dir, G):
 # --- Data: the synthetic task, prompt loading through `datasets`, answer grading ----------------------------
 def synthetic_problems(n, seed, exclude=frozenset()):
     """Chains of 2-4 one-digit additions/subtractions. The worked solution lists the running totals
-    ("7+5-3=" -> "12,9"), the answer is the last of them ("9"); the warm start teaches both, so the model
-    chooses how much to write (completions of one prompt differ in length 2x and more); the last number is
-    graded."""
+    ("7+5-3=" -> "12,9"), the answer is the last ("9"); the warm start teaches both, so the model chooses how
+    much to write (completions of one prompt differ in length 2x and more); the last number is graded."""
     rng, rows, seen = random.Random(seed), [], set(exclude)
     while len(rows) < n:
         k = rng.randint(2, 4)
@@ -982,8 +976,7 @@ def load_prompts(spec: dict):
         ds = ds.select(range(min(int(spec["limit"]), len(ds))))
     if len(ds) == 0:
         raise DataError(f"dataset {spec['path']} (split {spec.get('split', 'train')!r}) has no rows")
-    prompts = [str(p) for p in ds[prompt_col]]
-    return prompts, ([str(a) for a in ds[answer_col]] if answer_col else None)
+    return [str(p) for p in ds[prompt_col]], ([str(a) for a in ds[answer_col]] if answer_col else None)
 
 
 def format_prompt(tokenizer, question, system_prompt=""):
@@ -1173,9 +1166,8 @@ RECIPE_CODE = code_tokens(warmstart_sequence, train_warmstart)  # at import: the
 
 def warmstart_recipe(cfg: Config):
     """(settings, key, architecture): the settings that shape the tiny model's warm start, and the hash of all
-    that does (those settings, the architecture, the data, and the code of `warmstart_sequence` and
-    `train_warmstart` as Python parses it: no docstring, comment or layout). The key is stored beside the
-    shipped weights, so that a changed recipe cannot pass for them."""
+    that does (those settings, the architecture, the data, and the `code_tokens` of `warmstart_sequence` and
+    `train_warmstart`), stored beside the shipped weights so that a changed recipe cannot pass for them."""
     path = cfg.tiny_model_config
     path = path if os.path.isfile(path) else os.path.join(HERE, path)
     if not os.path.isfile(path):
@@ -1394,8 +1386,7 @@ def validate(cfg: Config):
     checks = [
         (cfg.num_generations >= 2,
          "num_generations (G) must be >= 2: GRPO compares completions within a group"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
-         "device must be auto, cpu, cuda or cuda:N"),
+        (bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device)), "device must be auto, cpu, cuda or cuda:N"),
         (bool(cfg.run_name) and os.sep not in cfg.run_name, "run_name must be a non-empty folder name"),
         (cfg.reward_params != "lm_head" or not cfg.lora_r, "reward_params lm_head measures the LM head, and "
          "LoRA freezes the head (its adapters sit in the decoder): with lora_r > 0 use reward_params all"),
@@ -1419,8 +1410,7 @@ def validate(cfg: Config):
 # --- Appendix 2: processes: one, or N under `torchrun --nproc_per_node N vigor.py` (DDP or FSDP2) ----------
 def setup_device(cfg):
     """(device, dtype). Under torchrun (WORLD_SIZE set) also joins the process group: nccl on CUDA with one
-    GPU per process (cuda:LOCAL_RANK), gloo on CPU. Settings are checked first, so every rank stops on the
-    same error."""
+    GPU per process (cuda:LOCAL_RANK), gloo on CPU. Settings are checked first, so every rank fails alike."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     world, local = int(os.environ.get("WORLD_SIZE", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -1543,12 +1533,6 @@ def gradient_sync(wrapped, now):
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not now:
         return wrapped.no_sync()
     return contextlib.nullcontext()
-
-
-def clipped_update_norm(policy, max_norm):
-    """Clip the update's gradient to max_norm over every rank; returns its norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
 
 
 # --- Appendix 3: the run folder, metrics files and checkpoints ----------------------------------------------
@@ -1784,8 +1768,7 @@ def rank_correctness(run_dir, fraction=0.2):
     table = {when: by_rank(chosen)
              for when, chosen in (("step 1", steps[:1]), ("early", steps[:k]), ("late", steps[-k:]))}
     print_table(f"rank vs correctness, {run_dir} (early/late: first/last {fraction:.0%} of steps)",
-                ["rank (1 = best score)", *table], [(i + 1, *(t[i] for t in table.values()))
-                                                    for i in range(G)])
+                ["rank (1 = best score)", *table], list(zip(range(1, G + 1), *table.values())))
     return table
 
 
@@ -1922,8 +1905,7 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
                                    for i in (0, -1)) for when in ("step 1", "early")]
         return (cell[0], col[cell[1]], over_seeds(cell, lambda log: log[-1][test + "accuracy"]),
                 mean_sd(gains[cell], 100, "+.1f"), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
-                over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"),
-                *rank_1_and_g,
+                over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"), *rank_1_and_g,
                 *(" -> ".join(over_seeds(cell, lambda log: window_mean(log, key, last), 1, fmt)
                               for last in (False, True))
                   for key, fmt in (("completions/mean_length", ".1f"), ("alignment", "+.2f"))))
@@ -2201,9 +2183,8 @@ class TRLReward:
         # gradient checkpointing hooks the input embedding with requires_grad_(), which torch.func forbids
         # (transformers may register it several times): vmap runs without those hooks, put back afterwards
         hooks = self.model.get_input_embeddings()._forward_hooks
-        vmap = cfg.grad_norm_method == "vmap"
-        lifted = {k: h for k, h in hooks.items()
-                  if vmap and getattr(h, "__name__", "") == "make_inputs_require_grads"}
+        lifted = {k: h for k, h in hooks.items() if cfg.grad_norm_method == "vmap" and
+                  getattr(h, "__name__", "") == "make_inputs_require_grads"}
 
         was_training = self.model.training
         try:  # eval mode: no dropout, no gradient checkpointing (torch.func refuses both)
