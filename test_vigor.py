@@ -2183,6 +2183,10 @@ README_RUNS = [  # (README command(s), the command run here, folder, what its ou
      "python vigor.py --config tiny_configs/qwen2.5-3b_math.yaml", "hub", OFFLINE),
     ("torchrun --nproc_per_node 8 vigor.py --config tiny_configs/qwen2.5-7b_math_8gpu.yaml",
      "torchrun --nproc_per_node 2 vigor.py --config tiny_configs/qwen2.5-7b_math_8gpu.yaml", "hub", OFFLINE),
+    ("python vigor.py warmstart runs/my-base", "python vigor.py warmstart runs/my-base --warmstart_steps 3", "warmstart",
+     "recipe key"),
+    ("python vigor.py warmstart runs/my-sft --task sft", "python vigor.py warmstart runs/my-sft --task sft --warmstart_steps 3",
+     "warmstart", "recipe key"),
     ("torchrun --nproc_per_node 8 vigor.py --config X",
      f"torchrun --nproc_per_node 2 vigor.py --config tiny_configs/quick.yaml {SIZE}", "torchrun", "x 2 processes (ddp)"),
 ]
@@ -2268,6 +2272,10 @@ def test_handout_blanks_each_exercise_keeps_its_docstring_and_refuses_an_existin
     vigor.handout([str(out)])
     assert sorted(os.listdir(out)) == ["LICENSE", "README.md", "requirements.txt", "test_vigor.py", "tiny_configs",
                                        "vigor.py"]
+    for task in ("base", "sft"):  # the shipped starting models travel with it, byte for byte: the expected values'
+        shipped = os.path.join(HERE, "tiny_configs", f"tiny-{task}")
+        for name in os.listdir(shipped):
+            assert (out / "tiny_configs" / f"tiny-{task}" / name).read_bytes() == open(os.path.join(shipped, name), "rb").read()
 
     def functions(path):  # module-level functions and methods (a blanked function's nested ones are gone)
         tree = ast.parse(open(path).read())

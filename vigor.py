@@ -2041,7 +2041,9 @@ def alignment_bytes(n_params, n_directions, n_prompts, per_prompt):
     return 4 * n_params * (n_directions * (n_prompts if per_prompt else 1) + 1)
 
 
-ALIGNMENT_PEAK = 1.5  # signal's guard: peak RSS that update_directions adds / alignment_bytes (README)
+# signal's guard: 1.5 x the floor. The peak RSS update_directions added was 0.90-0.94 of it (SmolLM2-135M,
+# README); the rest is room for a chunk's activations, which that measurement (2 prompts) hardly had
+ALIGNMENT_PEAK = 1.5
 
 
 def alignment(directions, names, n_prompts, draws, seed):
