@@ -1596,6 +1596,8 @@ def test_model_tiny_is_the_shipped_warm_start_and_a_changed_recipe_is_refused(tm
         recipe = json.load(open(os.path.join(folder, "recipe.json")))
         weights = open(os.path.join(folder, "model.safetensors"), "rb").read()
         assert recipe["model.safetensors sha256"] == __import__("hashlib").sha256(weights).hexdigest()
+        tokenizer = json.load(open(os.path.join(folder, "tokenizer_config.json")))  # a class transformers 4.x has too
+        assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
         model, _ = vigor.load_model(folder, vigor.Config(), torch.device("cpu"), torch.float32)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in load_file(os.path.join(folder, "model.safetensors")).items())
     for over in ({"doc_problems": 2.0}, {"wrong_share": 0.1}, {"prompt_weight": 0.5}, {"direct_share": 0.25},
@@ -1632,6 +1634,7 @@ def test_warmstart_command_builds_a_reduced_warm_start_that_trains(tmp_path, cap
     recipe = json.load(open(tmp_path / "a" / "recipe.json"))
     assert recipe["key"] == vigor.warmstart_recipe(vigor.Config(warmstart_steps=3))[1] != vigor.warmstart_recipe(vigor.Config())[1]
     assert recipe["settings"]["warmstart_steps"] == 3 and f"recipe key {recipe['key']}" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "a" / "tokenizer_config.json"))["tokenizer_class"] == "PreTrainedTokenizerFast"
     with pytest.raises(SystemExit):
         vigor.main(["warmstart", str(tmp_path / "a")])
     assert "OUT (got" in capsys.readouterr().err

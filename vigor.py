@@ -2307,6 +2307,9 @@ def warmstart(argv):
     with atomic(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        path = os.path.join(tmp, "tokenizer_config.json")  # transformers 5 writes a class 4.x does not know
+        portable = {**json.load(open(path)), "tokenizer_class": "PreTrainedTokenizerFast"}
+        write_text_atomically(path, json.dumps(portable, indent=2) + "\n")
         weights = hashlib.sha256(open(os.path.join(tmp, "model.safetensors"), "rb").read()).hexdigest()
         recipe = {"key": key, "settings": settings, "model.safetensors sha256": weights,
                   "built with": f"torch {torch.__version__}, Python {sys.version.split()[0]}"}
