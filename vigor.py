@@ -54,9 +54,11 @@ import shutil
 import subprocess
 import sys
 import time
+import tempfile
 import tokenize
 from collections import defaultdict
 from dataclasses import dataclass, field
+from xml.etree import ElementTree
 
 import torch
 import torch.distributed as dist
@@ -169,8 +171,6 @@ class Config:
                             "pass@k); 0 = off", ">= 0")
     eval_batch_size: int = arg(64, "prompts per greedy generate call in evaluation", ">= 1")
     save_every: int = arg(10, "write a checkpoint every N steps (and at the end)", ">= 0")
-    alignment_every: int = arg(0, "log `alignment`, the cosine of the update with gold answers' on the same "
-                               "rollouts, at step 1 and every N (2 backward passes and gradients)", ">= 0")
     log_completions_every: int = arg(1, "write every Nth step's completions to completions.jsonl", ">= 0")
     max_bad_steps: int = arg(3, "stop after this many NaN/inf steps in a row (reward, loss, grad)", ">= 1")
 
@@ -192,13 +192,15 @@ class BadStepError(RuntimeError):
 
 # --- The method: the paper's equations, one function each ---------------------------------------------------
 def token_logps(logits, input_ids):
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) in float32: [B, L-1]."""
-    logits = logits[:, :-1].float()
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]): [B, L-1], float32 (or float64) whatever the dtype of the
+    logits [B, L, V]: bf16 logits (autocast) give the log-probs of their float32 copy, not rounded ones."""
+    logits = logits[:, :-1].float()  # upcast before the log-softmax: in bf16 it loses two digits
     return logits.gather(-1, input_ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
 
 
 def completion_mean(per_token, loss_mask):
-    """Mean of a per-position value [B, L-1] over each row's completion tokens: [B]."""
+    """Mean of a per-position value [B, L-1] over the positions whose next token is a completion token
+    (loss_mask [B, L] shifted by one, as `token_logps`): [B]; a row with no completion token gives 0.0."""
     w = loss_mask[:, 1:].float()
     return (per_token * w).sum(1) / w.sum(1).clamp(min=1)
 
@@ -211,10 +213,12 @@ def mean_nll(logits, input_ids, loss_mask):
 def grad_norms(model, input_ids, loss_mask, chunk_size=None):
     """||grad_theta l(x, y)||_2 for each row, with l = (1/T) sum_{t: mask=1} -log p(y_t | y_<t).
 
-    torch.func: `grad` of one sequence's loss through `functional_call`, `vmap`ped over the batch, so
-    the B per-sample gradients are exact (no cross-talk) and only `chunk_size` of them exist at once.
-    Right padding needs no attention mask (pads come after every real token and carry no loss).
-    Parameters with requires_grad=False (a frozen body under LoRA) are constants. Returns float32 [B]."""
+    With torch.func, one batched call (`vmap` of `grad` through `functional_call`): the model's forward runs
+    once per chunk of `chunk_size` rows (once when None), so the B per-sample gradients are exact (no
+    cross-talk) and only `chunk_size` of them exist at once. Right padding needs no attention mask (pads come
+    after every real token and carry no loss). Parameters with requires_grad=False (a frozen body under LoRA)
+    are constants; the parameters and their .grad are left as they were. Returns [B] floats, detached (the
+    reward is a constant: stop-gradient), float32 or finer."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
     frozen.update(dict(model.named_buffers()))
@@ -232,7 +236,8 @@ def grad_norms(model, input_ids, loss_mask, chunk_size=None):
 
 def vigor_scores(norms, lengths, sqrt_t=True):
     """S = -sqrt(T) * ||g||  (paper's length correction: raw ||g|| of a token mean shrinks ~ 1/sqrt(T)).
-    With sqrt_t=False, S = -||g|| (the "w/o sqrt(T)" ablation). Lower norm -> higher score."""
+    With sqrt_t=False, S = -||g|| (the "w/o sqrt(T)" ablation). Lower norm -> higher score. norms [N] floats,
+    lengths [N] ints T; returns [N] floats. Raises a ValueError when a T is <= 0, whatever sqrt_t."""
     if (lengths <= 0).any():
         raise ValueError("vigor_scores: a completion has T = 0 tokens; it has no token-mean NLL "
                          "(sampled completions always count their EOS, so T >= 1)")
@@ -240,9 +245,10 @@ def vigor_scores(norms, lengths, sqrt_t=True):
 
 
 def rank_rewards(scores, group_size):
-    """R_i = 2 * rank_i / (G - 1) - 1 per consecutive group of G; rank 0 = lowest score (R = -1), G-1 = best
-    (R = +1). Ties go by position, as the authors do: stable argsort twice, the earlier sample ranks lower."""
-    s = scores.view(-1, group_size)
+    """R_i = 2 * rank_i / (G - 1) - 1 per consecutive group of G of scores [N]; rank_i is the place of score i
+    in its own group's order: 0 = lowest score (R = -1), G-1 = best (R = +1). Ties go by position, as the
+    authors do: of two equal scores the earlier ranks lower. Returns [N] floats."""
+    s = scores.view(-1, group_size)  # a stable argsort twice: the sorting indices, then each one's place
     ranks = s.argsort(dim=1, stable=True).argsort(dim=1, stable=True).float()
     return (2 * ranks / (group_size - 1) - 1).view(-1)
 
@@ -258,7 +264,8 @@ def share_identical(rewards, completion_ids, group_size):
 
 
 def group_advantages(rewards, group_size, eps=1e-4):
-    """A_i = (R_i - mean_group R) / (std_group R + eps), unbiased std (GRPO). Equal rewards -> A = 0."""
+    """A_i = (R_i - mean_group R) / (std_group R + eps), unbiased std (GRPO), per consecutive group of G of
+    rewards [N]: [N]. Equal rewards -> A = 0, up to their mean's rounding / eps, as TRL (eight 0.7s: 6e-4)."""
     r = rewards.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
@@ -271,7 +278,7 @@ def self_certainty(model, input_ids, loss_mask):
 
 
 def grpo_token_loss(logps, old_logps, ref_logps, advantages, epsilon, epsilon_high, beta):
-    """Per-token GRPO loss [B, T]:  -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL_k3,
+    """Per-token GRPO loss [B, T] (advantages [B]):  -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL_k3,
         r = exp(logp - logp_old),  KL_k3 = exp(ref - logp) - (ref - logp) - 1  (>= 0, = 0 when equal).
     Returns (loss, kl, clipped) where clipped marks tokens whose gradient the clip removed."""
     ratio = torch.exp(logps - old_logps)
@@ -408,9 +415,9 @@ def compute_rewards(cfg, policy, rollouts: Rollouts, correct=None):
     return out
 
 
-def sample_and_score(cfg, policy, tok, prompts, answers, align=False):
+def sample_and_score(cfg, policy, tok, prompts, answers):
     """The first half of a step: this rank's rollouts, their {grad_norm, score, reward, advantage, correct}
-    and timings (and with `align` the update's alignment with gt's). Answers, when given, grade them."""
+    and timings. Answers, when given, grade them."""
     policy.eval()
     t0 = time.perf_counter()
     with gathered(policy):  # FSDP: rollouts and rewards are rank-local work on the full weights
@@ -419,10 +426,6 @@ def sample_and_score(cfg, policy, tok, prompts, answers, align=False):
         correct = grade(rollouts, prompts, answers, cfg.answer_format) if answers is not None else None
         scored = compute_rewards(cfg, policy, rollouts, correct)
     logged = {"time/generate": t1 - t0, "time/reward": time.perf_counter() - t1}
-    if align:
-        gt = compute_rewards(dataclasses.replace(cfg, reward="gt"), policy, rollouts, correct)["advantage"]
-        d = all_sum(update_directions(cfg, policy, rollouts, torch.stack([scored["advantage"], gt]))).double()
-        logged["alignment"] = (d[0] @ d[1] / (d[0].norm() * d[1].norm())).item()  # nan: no group is mixed
     if correct is not None:
         scored["correct"] = correct
     return rollouts, scored, logged
@@ -491,11 +494,11 @@ def update_mask(cfg, rollouts):
     return mask * (~rollouts.truncated).float()[:, None] if cfg.mask_truncated_completions else mask
 
 
-def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapped=None, align=False):
+def rl_step(cfg, policy, ref, tok, optimizer, scheduler, prompts, answers, wrapped=None):
     """One VIGOR/GRPO step on this rank's prompts; returns (metrics, columns): every rank's completions with
     their prompts, texts, lengths, scores, rewards and advantages, {name: [N] tensor or list}."""
     t0 = time.perf_counter()
-    rollouts, scored, times = sample_and_score(cfg, policy, tok, prompts, answers, align)
+    rollouts, scored, times = sample_and_score(cfg, policy, tok, prompts, answers)
     columns = gather_columns({"prompt": [prompts[i] for i in rollouts.prompt_index],
                               "completion": rollouts.completions, "length": rollouts.lengths,
                               "truncated": rollouts.truncated, **scored})
@@ -622,10 +625,10 @@ def gram(x):
 
 def linear_grad_sq_norms(a, g):
     """||sum_t g_t a_t^T||_F^2, one sample's squared gradient norm of a Linear weight, from the layer's inputs
-    a [B, L, din] and output gradients g [B, L, dout]: float32 [B]. Whichever costs fewer FLOPs:
-        = sum_{t,s} (a_t . a_s)(g_t . g_s)   two L x L Gram matrices (short rows), or
-        = ||g^T a||^2                         the dout x din gradient itself (long rows).
-    Matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation); squares sum in float32."""
+    a [B, L, din] and output gradients g [B, L, dout] of any float dtype (bf16 under autocast): [B], float32
+    or finer, at the cost of whichever way takes fewer FLOPs for these shapes."""
+    # short rows: = sum_{t,s} (a_t . a_s)(g_t . g_s), two L x L Gram matrices; long rows: ||g^T a||^2, the
+    # dout x din gradient itself. Matmuls stay in the input dtype (bf16 on tensor cores, fp32 accumulation)
     L, din, dout = a.shape[1], a.shape[-1], g.shape[-1]
     if L * (din + dout) < din * dout:
         return (gram(a) * gram(g)).sum((1, 2))
@@ -711,8 +714,8 @@ def train(cfg: Config) -> dict:
     for spec, _, gold in eval_sets:
         if gold is None:
             raise DataError(f"eval set {spec['path']} needs an answer_column to be graded")
-    if (cfg.reward == "gt" or cfg.alignment_every) and answers is None:
-        raise DataError("reward 'gt' (or alignment_every) needs answers: set train_data.answer_column")
+    if cfg.reward == "gt" and answers is None:
+        raise DataError("reward 'gt' needs answers: set train_data.answer_column")
     base = tiny_base_model(cfg) if cfg.model == "tiny" else cfg.model
     run_dir = check_run_dir(cfg)
     ckpt = latest_checkpoint(run_dir)
@@ -756,9 +759,8 @@ def train(cfg: Config) -> dict:
             idx = idx[rank * share:(rank + 1) * share]
             batch_answers = [answers[i] for i in idx] if answers else None
             try:
-                align = cfg.alignment_every and (step == 0 or (step + 1) % cfg.alignment_every == 0)
                 metrics, columns = rl_step(cfg, policy, ref, tok, optimizer, scheduler,
-                                           [prompts[i] for i in idx], batch_answers, wrapped, align)
+                                           [prompts[i] for i in idx], batch_answers, wrapped)
                 state["bad_in_a_row"] = 0
             except BadStepError as e:
                 state["bad_in_a_row"] += 1
@@ -1286,10 +1288,11 @@ def stop_token_ids(model, tok):
 COMMANDS_HELP = """commands:
   python vigor.py [--config FILE] [--setting value ...]        train (defaults: the tiny base model)
   torchrun --nproc_per_node N vigor.py [...]                    train on N processes (parallelism)
-  python vigor.py study [--seeds ...] [--lrs ...] [--prompts_per_steps ...] [...]   rewards x lr x batch
+  python vigor.py study [--seeds ...] [--lrs ...] [...]        every reward x lr x seed, the paper's claims
   python vigor.py signal [--prompts 64] [--scores ...] [...]   every score on one set of rollouts, no training
-  python vigor.py length-bias | rank-table | plot RUN_DIR...   analyses of runs; their curves in plot.png
-  python vigor.py handout DIR  |  check [N]      a student copy with the exercises blank; grade exercise N
+  python vigor.py length-bias | rank-table RUN_DIR...          analyses of run folders
+  python vigor.py warmstart OUT [--task sft]                   build a tiny starting model by its recipe
+  python vigor.py handout DIR | check [N] [--json] | check runs     the exercises: a student copy, graders
 Every --setting takes a value parsed as YAML (true, 1e-4, '{path: x.jsonl}'); later flags and files win."""
 
 
@@ -1395,8 +1398,6 @@ def validate(cfg: Config):
         (cfg.parallelism != "fsdp" or cfg.reward != "vigor" or cfg.reward_params == "lm_head" or
          cfg.grad_norm_method == "per_layer", "parallelism fsdp needs grad_norm_method per_layer: "
          "torch.func's vmap cannot take per-sample gradients of sharded parameters"),
-        (cfg.parallelism != "fsdp" or not cfg.alignment_every, "alignment_every takes whole gradients on "
-         "every process: use parallelism ddp"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1749,11 +1750,6 @@ def correct_by_rank(scores, correct, G):
     return torch.zeros_like(rewards).scatter_(1, from_best, correct.view(-1, G).float())
 
 
-def accuracy_by_rank(scores, correct, G):
-    """Fraction correct at each within-group rank of the score: [G], index 0 = the best-scored."""
-    return correct_by_rank(scores, correct, G).mean(0).tolist()
-
-
 def rank_correctness(run_dir, fraction=0.2):
     """Fraction correct at each within-group rank of the run's score (1 = best): the first step's rollouts
     (sampled from the model before any update), the first and the last `fraction` of the steps."""
@@ -1763,8 +1759,8 @@ def rank_correctness(run_dir, fraction=0.2):
 
     def by_rank(chosen):
         rows_of = [r for r in rows if r["step"] in chosen]
-        return accuracy_by_rank(torch.tensor([r["score"] for r in rows_of]),
-                                torch.tensor([float(r["correct"]) for r in rows_of]), G)
+        return correct_by_rank(torch.tensor([r["score"] for r in rows_of]),
+                               torch.tensor([float(r["correct"]) for r in rows_of]), G).mean(0).tolist()
     table = {when: by_rank(chosen)
              for when, chosen in (("step 1", steps[:1]), ("early", steps[:k]), ("late", steps[-k:]))}
     print_table(f"rank vs correctness, {run_dir} (early/late: first/last {fraction:.0%} of steps)",
@@ -1787,8 +1783,6 @@ class StudySettings:
     rows: str = arg(",".join(STUDY), f"comma-separated rows, from {', '.join(STUDY)}")
     lrs: str = arg("2e-4,1e-4,5e-5,2e-5,1e-5", "comma-separated learning rates: every row runs at each, "
                    "the ablations only at the regime's own `lr` (the chosen one, marked in the tables)")
-    prompts_per_steps: str = arg("", "comma-separated prompts per step: every row but the ablations also "
-                                 "runs at each, at the regime's own lr (its folder ends in -p<N>-s<seed>)")
 
 
 def listed(text, kind, flag):
@@ -1821,33 +1815,27 @@ def holds(values):
 
 def study(argv):
     """The paper's comparison in miniature, as a dose-response grid: per regime (the tiny model's warm start,
-    `task`), every row at every lr and every prompts_per_step of the grids (the ablations at the regime's own
-    lr and batch) over the seeds, evaluated before and after RL on the first eval set (reported), the
-    alignment logged every 25 steps. Writes study.md (`study_tables`, also printed). Finished
-    runs are reused, a stopped one resumed (`study_run`): a study can be run in parts."""
+    `task`), every row at every lr of the grid (the ablations at the regime's own lr) over the seeds,
+    evaluated before and after RL on the first eval set (reported). Writes study.md (`study_tables`, also
+    printed). Finished runs are reused, a stopped one resumed (`study_run`): a study can be run in parts. (The
+    batch grid, each row at 16, 64 and 128 prompts per step, ran on commit b6df794: --prompts_per_steps.)"""
     settings = parse_command_line(argv, "python vigor.py study", StudySettings, Config)[0]
     seeds, lrs = listed(settings.seeds, int, "seeds"), listed(settings.lrs, float, "lrs")
-    batches, rows = listed(settings.prompts_per_steps, int, "prompts_per_steps"), settings.rows.split(",")
-    regimes = settings.regimes.split(",")
+    rows, regimes = settings.rows.split(","), settings.regimes.split(",")
     if set(rows) - set(STUDY) or set(regimes) - set(REGIME_CONFIGS):
         raise ConfigError(f"study: rows come from {list(STUDY)}, regimes from {list(REGIME_CONFIGS)}")
     text = ""
     for regime in regimes:
         base = regime_config(regime, argv)
-        chosen = (base.lr, base.prompts_per_step)
-        cells = sorted({(lr, chosen[1]) for lr in lrs} | {(chosen[0], n) for n in batches} | {chosen},
-                       key=lambda c: (-c[0], c[1]))  # (lr, prompts per step)
-        runs = defaultdict(list)  # (row, cell) -> its run folders, one per seed
-        for seed, (lr, n) in [(seed, cell) for seed in seeds for cell in cells]:
-            for name in [name for name in rows if name not in ABLATIONS or (lr, n) == chosen]:
-                batch = f"-p{n}" if n != chosen[1] else ""
-                runs[name, (lr, n)].append(study_run(make_config({
+        runs = defaultdict(list)  # (row, lr) -> its run folders, one per seed
+        for seed, lr in [(seed, lr) for seed in seeds for lr in sorted(set(lrs) | {base.lr}, reverse=True)]:
+            for name in [name for name in rows if name not in ABLATIONS or lr == base.lr]:
+                runs[name, lr].append(study_run(make_config({
                     **dataclasses.asdict(base), **STUDY[name], "task": regime, "seed": seed, "lr": lr,
-                    "prompts_per_step": n, "alignment_every": base.alignment_every or 25,
-                    "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}{batch}-s{seed}"})))
+                    "run_name": f"study-{regime}-{name}-lr{lr_text(lr)}-s{seed}"})))
         if rank_and_world()[0] == 0:  # under torchrun, rank 0 alone writes the tables
             reported = eval_set_name(base.eval_data[0])
-            text += study_tables(regime, runs, seeds, base.eval_samples, reported, chosen)
+            text += study_tables(regime, runs, seeds, base.eval_samples, reported, base.lr)
     if rank_and_world()[0] == 0:
         write_text_atomically(os.path.join(base.out_dir, "study.md"), text)
 
@@ -1869,16 +1857,14 @@ def regime_config(regime, argv):
 
 
 def study_tables(regime, runs, seeds, k, reported, chosen):
-    """The tables of one regime from its run folders, {(row, (lr, prompts per step)): one per seed}: the
-    starting model, greedy gain by reward x lr (and batch), every cell in detail, and the paper's claims at
-    each lr and batch: their text."""
+    """The tables of one regime from its run folders, {(row, lr): one per seed}: the starting model, every
+    cell (reward x lr), and the paper's claims at each lr: their text."""
     logs = {cell: [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in dirs] for cell, dirs in runs.items()}
     test = f"eval/{reported}/"
-    columns = sorted({c for _, c in logs}, key=lambda c: (-c[0], c[1]))  # (lr, prompts per step)
+    lrs = sorted({lr for _, lr in logs}, reverse=True)
     names = list(dict.fromkeys(name for name, _ in logs))
-    cells = [(name, c) for name in names for c in columns if (name, c) in logs]
-    col = {c: lr_text(c[0]) + f" x {c[1]} prompts" * (c[1] != chosen[1]) + " (chosen)" * (c == chosen)
-           for c in columns}
+    cells = [(name, lr) for name in names for lr in lrs if (name, lr) in logs]
+    col = {lr: lr_text(lr) + " (chosen)" * (lr == chosen) for lr in lrs}
 
     def over_seeds(cell, value_of, *fmt):  # mean_sd of value_of(one seed's metrics lines)
         return mean_sd([value_of(log) for log in logs[cell]], *fmt)
@@ -1894,11 +1880,6 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
     text = print_table(f"{regime}: the starting model before RL, % of the {reported} set (mean ± sd over "
                        f"seeds {seeds})", keys, [[over_seeds(cells[0], lambda log: log[0][test + key])
                                                   for key in keys]])
-    text += "\n\n" + print_table(
-        f"{regime}: greedy gain on {reported} over the starting model, points, mean ± sd over seeds "
-        f"{seeds}, by lr (x prompts per step where not the regime's own)",
-        ["reward", *col.values()], [(name, *(mean_sd(gains[name, c], 100, "+.1f") if (name, c) in gains
-                                            else "" for c in columns)) for name in names])
 
     def detail(cell):
         rank_1_and_g = [" / ".join(f"{100 * sum(r[when][i] for r in ranks[cell]) / len(seeds):.0f}"
@@ -1906,75 +1887,33 @@ def study_tables(regime, runs, seeds, k, reported, chosen):
         return (cell[0], col[cell[1]], over_seeds(cell, lambda log: log[-1][test + "accuracy"]),
                 mean_sd(gains[cell], 100, "+.1f"), over_seeds(cell, gain(f"mean@{k}"), 100, "+.1f"),
                 over_seeds(cell, lambda log: window_mean(log, "kl"), 1, ".2g"), *rank_1_and_g,
-                *(" -> ".join(over_seeds(cell, lambda log: window_mean(log, key, last), 1, fmt)
-                              for last in (False, True))
-                  for key, fmt in (("completions/mean_length", ".1f"), ("alignment", "+.2f"))))
+                " -> ".join(over_seeds(cell, lambda log: window_mean(log, "completions/mean_length", last), 1,
+                                       ".1f") for last in (False, True)))
     text += "\n\n" + print_table(
         f"{regime}: every cell on {reported}, mean ± sd over seeds: the final model (%; gains in points), "
         "KL to the reference, % of groups whose best- and worst-scored completions are correct (rank 1 / "
-        "rank G), length, the cosine of the update direction with gold answers' on the same rollouts",
+        "rank G), length",
         ["reward", "lr", "greedy, final", "gain", f"mean@{k} gain", "KL, last 20% of steps",
-         "rank 1 / G, step 1", "rank 1 / G, first 20% of steps",
-         "mean length, first -> last 20% of steps", "cosine of the update with gt's, first -> last 20%"],
+         "rank 1 / G, step 1", "rank 1 / G, first 20% of steps", "mean length, first -> last 20% of steps"],
         [detail(cell) for cell in cells])
     rows = []  # (claim, column, per seed, holds)
-    for c in [c for c in columns if ("vigor", c) in gains]:
-        vigor = gains["vigor", c]
-        first = [next((m["alignment"] for m in log if m["step"] == 1 and "alignment" in m), math.nan)
-                 for log in logs["vigor", c]]  # step 1's own, not a window's mean
+    for lr in [lr for lr in lrs if ("vigor", lr) in gains]:
+        vigor = gains["vigor", lr]
         claims = [("vigor gains over the starting model", vigor)]
-        claims += [(f"vigor gains more than {than} at the same lr and batch",
-                    [a - b for a, b in zip(vigor, gains[than, c])])
-                   for than in ("random", "self_certainty", *ABLATIONS) if (than, c) in gains]
+        claims += [(f"vigor gains more than {than} at the same lr",
+                    [a - b for a, b in zip(vigor, gains[than, lr])])
+                   for than in ("random", "self_certainty", *ABLATIONS) if (than, lr) in gains]
         claims.append(("vigor's rank 1 is more often correct than its rank G, first 20% of steps",
-                       [r["early"][0] - r["early"][-1] for r in ranks["vigor", c]]))
-        rows += [(claim, col[c], per_seed_text(values), holds(values)) for claim, values in claims]
-        if not any(map(math.isnan, first)):
-            rows.append(("vigor's update at step 1 points along gt's: cosine > 0", col[c],
-                         per_seed_text(first, 1, "+.2f"), holds(first)))
-    rows += [(f"{name}: raw ||g|| ~ T^-0.5 within groups, slope within 0.25 of -0.5", col[c],
+                       [r["early"][0] - r["early"][-1] for r in ranks["vigor", lr]]))
+        rows += [(claim, col[lr], per_seed_text(values), holds(values)) for claim, values in claims]
+    rows += [(f"{name}: raw ||g|| ~ T^-0.5 within groups, slope within 0.25 of -0.5", col[lr],
               per_seed_text(s, 1, "+.2f"), "yes" if abs(sum(s) / len(s) + 0.5) < 0.25 else "NO")
-             for (name, c), s in slopes.items()]
+             for (name, lr), s in slopes.items()]
     text += "\n\n" + print_table(
-        f"{regime}: the paper's claims at each lr and batch; per seed: the gain, the difference of gains or "
-        "of rank 1's and rank G's accuracy (points), the cosine, or the slope; holds: yes = on every seed, "
-        "NO = on none", ["claim", "lr", f"per seed {seeds}", "holds"], rows)
+        f"{regime}: the paper's claims at each lr; per seed: the gain, the difference of gains or of rank "
+        "1's and rank G's accuracy (points), or the slope; holds: yes = on every seed, NO = on none",
+        ["claim", "lr", f"per seed {seeds}", "holds"], rows)
     return text + "\n\n"
-
-
-PLOTTED = {"reward_std/within_group": "reward std within groups", "completions/mean_length": "length T",
-           "kl": "KL", "score": "score S", "train/accuracy": "sampled accuracy", "accuracy": "held-out acc.",
-           "alignment": "cosine of the update with gold answers'", "grad_norm": "update's gradient norm"}
-
-
-def plot(run_dirs):
-    """python vigor.py plot RUN [RUN ...]: each run's training curves from its metrics.jsonl, one line per run
-    (and eval set) in each panel of PLOTTED, drawn to plot.png beside the first run folder."""
-    if not run_dirs:
-        raise ConfigError("usage: python vigor.py plot RUN_DIR [RUN_DIR ...]")
-    logs = {os.path.basename(os.path.normpath(d)): read_jsonl(os.path.join(d, "metrics.jsonl"))
-            for d in run_dirs}
-    path = os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(run_dirs[0]))), "plot.png")
-    try:  # optional: every number it draws is in metrics.jsonl
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print(f"matplotlib is not installed, so {path} was not drawn (pip install matplotlib)")
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
-    for ax, (key, title) in zip(axes.flat, PLOTTED.items()):
-        for run, log in logs.items():
-            for name in sorted({k for m in log for k in m if re.fullmatch(f"{key}|eval/[^/]+/{key}", k)}):
-                steps, values = zip(*[(m["step"], m[name]) for m in log if name in m])
-                ax.plot(steps, values, marker="o" if len(steps) < 20 else None,
-                        label=run if name == key else f"{run}: {name.split('/')[1]}")
-        ax.set(title=title, xlabel="RL step")
-        if ax.lines:  # a metric no run logged leaves its panel empty
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 # --- Tools 2: does the reward know? Every score on the same rollouts of the starting model, no training -----
@@ -1987,10 +1926,7 @@ class SignalSettings:
     prompts: int = arg(64, "prompts to sample G completions of (the first ones of training's order)", ">= 1")
     scores: str = arg(",".join(SIGNAL_SCORES), f"comma-separated scores, from {', '.join(SIGNAL_SCORES)} "
                       "(random: the chance line)")
-    bootstrap: int = arg(2000, "bootstrap resamples of the groups for the 95% intervals (and random subsets "
-                         "of prompts for the alignment's)", ">= 1")
-    alignment: bool = arg(True, "the cosine of each score's first update with gt's (skipped anyway when no "
-                          "group is mixed or its directions do not fit in free memory)")
+    bootstrap: int = arg(2000, "bootstrap resamples of the groups for the 95% intervals", ">= 1")
 
 
 def rank_gap(by_rank, resamples, seed):
@@ -2009,66 +1945,13 @@ def within_group_correlation(x, y, G):
     return ((x * y).sum() / ((x * x).sum() * (y * y).sum()).sqrt()).item()
 
 
-def update_directions(cfg, model, rollouts, advantages, per_prompt=False):
-    """d = sum_i A_i sum_t w_it grad_theta log pi(y_it | x_i, y_i<t) (tempered, as the update) for each
-    row of advantages [S, N]: at a first step (ratio 1, the k3 KL's gradient 0) minus the update's gradient up
-    to its positive scale (w: `update_mask`, / T_i for loss_type grpo; bnpo taken as dapo). Flattened over the
-    trainable parameters: float32 [S, n], or per_prompt one per group of G rows [S, P, n]. It holds those
-    directions and one gradient at a time, no more: (S P + 1) 4n or (S + 1) 4n bytes (`alignment_bytes`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    w = update_mask(cfg, rollouts)
-    if cfg.loss_type == "grpo":  # each sequence's token mean
-        w = w / w.sum(1, keepdim=True).clamp(min=1)
-    rows, (S, N) = cfg.num_generations if per_prompt else cfg.micro_batch_size, advantages.shape
-    n = sum(p.numel() for p in params)
-    out = torch.zeros(S, N // rows if per_prompt else 1, n, device=model.device)  # filled in place: one copy
-    for c, i in enumerate(range(0, N, rows)):
-        logps = policy_logps(model, rollouts.input_ids[i:i + rows].to(model.device), cfg.temperature)[0]
-        per_row = (logps * w[i:i + rows].to(logps.device)).sum(1)  # [rows]: each completion's log-prob
-        for s in range(S):  # (per_row * a).sum(), not per_row @ a: autocast would round the matmul to bf16
-            grads = torch.autograd.grad((per_row * advantages[s, i:i + rows].to(per_row)).sum(), params,
-                                        retain_graph=s < S - 1)
-            d, start = out[s, c if per_prompt else 0], 0
-            for g in grads:
-                d[start:start + g.numel()] += g.flatten().to(d)
-                start += g.numel()
-            del grads  # before the next score's
-    return out if per_prompt else out[:, 0]
-
-
-def alignment_bytes(n_params, n_directions, n_prompts, per_prompt):
-    """The floor of `update_directions`' memory, in bytes: its float32 directions and one gradient."""
-    return 4 * n_params * (n_directions * (n_prompts if per_prompt else 1) + 1)
-
-
-# signal's guard: 1.5 x the floor. The peak RSS update_directions added was 0.90-0.94 of it (SmolLM2-135M,
-# README); the rest is room for a chunk's activations, which that measurement (2 prompts) hardly had
-ALIGNMENT_PEAK = 1.5
-
-
-def alignment(directions, names, n_prompts, draws, seed):
-    """{score: {B: (mean, 2.5%, 97.5%)}}: cos(sum_{p in Q} d[s, p], sum_{p in Q} d[-1, p]) (the last row: gold
-    answers') over `draws` random subsets Q of B = 8, 16, 32... < P of the P prompts of directions [S, P, n],
-    and for the whole batch (B = n_prompts), from P x P Gram matrices; a zero sum (gt's: no group mixed) has
-    no cosine and is left out."""
-    (S, P, _), d, out = directions.shape, directions, {name: {} for name in names}  # float32 d
-    grams = torch.cat([d @ d[-1].T, d @ d.transpose(1, 2)]).double()  # [2S, P, P]: with the last row, itself
-    for size in [2 ** k for k in range(3, P.bit_length()) if 2 ** k < P] + [P]:
-        draw = torch.rand(draws if size < P else 1, P, generator=torch.Generator().manual_seed(seed + size))
-        pick = torch.zeros_like(draw).scatter_(1, draw.argsort(1)[:, :size], 1.0).double()  # [draws, P] 0/1
-        sums = torch.einsum("dp,spq,dq->sd", pick, grams, pick)  # [2S, draws]: 1_Q^T gram 1_Q
-        for name, cos in zip(names, sums[:S] / (sums[S:] * sums[-1]).sqrt()):
-            low, high = torch.nanquantile(cos, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-            out[name][size if size < P else n_prompts] = (cos.nanmean().item(), low, high)
-    return out
-
-
 def signal(argv):
     """python vigor.py signal [--prompts 64] [--scores ...] [--setting value ...]: before any training, does a
     score rank a group's correct completions first? Every score (`compute_rewards`') of the same rollouts, G
     per prompt sampled once from the starting model with the run's settings, all graded: accuracy at each
     within-group rank, rank 1 minus rank G with a bootstrap interval over groups, the within-group correlation
-    with length. Writes signal.json and completions.jsonl in <out_dir>/signal-<run_name>."""
+    with length. Writes signal.json and completions.jsonl in <out_dir>/signal-<run_name>. (The cosine of each
+    score's first update with gold answers', `update_directions` and `alignment`: commit b6df794.)"""
     settings, cfg = parse_command_line(argv, "python vigor.py signal", SignalSettings, Config)
     names = settings.scores.split(",")
     if set(names) - set(SIGNAL_SCORES):
@@ -2093,29 +1976,12 @@ def signal(argv):
         # lora_r 0 in the copies: here lm_head is only a score, no frozen head is trained
         scored = {name: compute_rewards(dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name]), policy,
                                         rollouts) for name in names}
-        scored["gt"] = compute_rewards(dataclasses.replace(cfg, reward="gt"), policy, rollouts, correct)
-        groups, started_alignment = correct.view(-1, G).sum(1), time.time()
-        mixed = int(((groups > 0) & (groups < G)).sum())
-        advantages = torch.stack([scored[name]["advantage"] for name in [*names, "gt"]])
-        n = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        free = free_memory(device, math.inf)
-        need = {mode: ALIGNMENT_PEAK * alignment_bytes(n, len(advantages), len(prompts), mode)
-                for mode in (True, False)}
-        per_prompt = need[True] <= free  # else the whole batch's direction alone
-        skip = ("`--alignment false`" if not settings.alignment else "no group is mixed: gt's direction is 0"
-                if not mixed else f"it needs {need[False] / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
-                if need[False] > free else "")
-        if skip:
-            print(f"signal: the alignment is skipped: {skip}")
-        directions = None if skip else update_directions(cfg, policy, rollouts, advantages, per_prompt)
-    scores = {name: scored[name]["score"] for name in names}
-    report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(), "mixed_groups": mixed,
-              "scores": {}, "alignment": {name: {} for name in names} if skip else alignment(
-                  directions if per_prompt else directions[:, None], names, len(prompts), settings.bootstrap,
-                  cfg.seed), "alignment_s": time.time() - started_alignment, "alignment_skipped": skip}
+    groups, scores = correct.view(-1, G).sum(1), {name: scored[name]["score"] for name in names}
+    report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(), "scores": {},
+              "mixed_groups": int(((groups > 0) & (groups < G)).sum())}
     for name, score in scores.items():
         gap, low, high = rank_gap(correct_by_rank(score, correct, G), settings.bootstrap, cfg.seed)
-        report["scores"][name] = {"accuracy_by_rank": accuracy_by_rank(score, correct, G),
+        report["scores"][name] = {"accuracy_by_rank": correct_by_rank(score, correct, G).mean(0).tolist(),
                                   "rank_1_minus_rank_G": gap, "interval_95": [low, high],
                                   "length_correlation": within_group_correlation(score, rollouts.lengths, G)}
     report["wall_s"] = time.time() - started
@@ -2125,22 +1991,15 @@ def signal(argv):
                "length": rollouts.lengths, "truncated": rollouts.truncated, "correct": correct, **scores}
     write_text_atomically(os.path.join(run_dir, "completions.jsonl"),
                           "".join(json.dumps(r) + "\n" for r in completion_rows(0, columns)))
-    sizes = list(report["alignment"][names[0]])  # the B measured, the whole batch last
-    print_table(f"does the score rank correct completions first, and does its first step point where gold "
-                f"answers' does? {len(prompts)} prompts x G = {G} sampled once from {base}: "
-                f"{report['accuracy']:.1%} correct, {report['mixed_groups']} groups of {len(prompts)} hold "
-                "both correct and wrong completions (only they can rank anything); % correct at each "
-                "within-group rank, rank 1 minus rank G with its 95% bootstrap interval over groups, the "
-                "within-group correlation with length; the cosine of the update direction sum_i A_i grad log "
-                f"pi(y_i) with gt's, of the whole batch and, for B < {len(prompts)}, mean [95%] over "
-                f"{settings.bootstrap} random subsets of B prompts ({report['alignment_s']:.0f} s)",
-                ["score", *(f"rank {i + 1}" for i in range(G)), "rank 1 - rank G [95%]", "corr. with length",
-                 *(f"cosine, B = {b}" for b in sizes)],
+    print_table(f"does the score rank correct completions first? {len(prompts)} prompts x G = {G} sampled "
+                f"once from {base}: {report['accuracy']:.1%} correct, {report['mixed_groups']} groups of "
+                f"{len(prompts)} hold both correct and wrong completions (only they can rank anything); % "
+                "correct at each within-group rank, rank 1 minus rank G with its 95% bootstrap interval over "
+                "groups, the within-group correlation with length",
+                ["score", *(f"rank {i + 1}" for i in range(G)), "rank 1 - rank G [95%]", "corr. with length"],
                 [(name, *(f"{100 * a:.1f}" for a in r["accuracy_by_rank"]),
                   f"{100 * r['rank_1_minus_rank_G']:+.1f} [{100 * r['interval_95'][0]:+.1f}, "
-                  f"{100 * r['interval_95'][1]:+.1f}]", f"{r['length_correlation']:+.2f}",
-                  *(f"{m:+.2f}" + f" [{lo:+.2f}, {hi:+.2f}]" * (b != sizes[-1])
-                    for b, (m, lo, hi) in report["alignment"][name].items()))
+                  f"{100 * r['interval_95'][1]:+.1f}]", f"{r['length_correlation']:+.2f}")
                  for name, r in report["scores"].items()])
     print(f"signal done in {report['wall_s']:.0f} s -> {run_dir}/signal.json")
     return report
@@ -2220,30 +2079,34 @@ def refuse_what_trl_reward_cannot_score(model, completions, columns):
 
 
 # --- Tools 4: the classroom kit: a student copy with the method left blank, a grader per exercise ----------
-EXERCISES = {  # number: (the functions the student writes, what they compute, the tests `check N` runs)
-    1: (("token_logps", "completion_mean", "mean_nll"), "token log-probs and the mean NLL",
-        "token_logps_and_mean_nll or policy_logps_use or self_certainty_value"),
-    2: (("grad_norms",), "norms by torch.func", "grad_norms_match or grad_norms_chunked or grad_norms_over"),
-    3: (("vigor_scores",), "the sqrt(T) score", "vigor_scores_sqrt_t"),
-    4: (("rank_rewards",), "rank rewards with ties", "rank_rewards"),
-    5: (("group_advantages",), "group advantages", "group_advantages"),
-    6: (("grpo_token_loss",), "the clipped GRPO loss with the k3 KL", "grpo_token_loss or kl_penalty_enters"),
-    7: (("normalised_loss",), "the loss normalisations (stretch)", "dapo_bnpo_and_grpo_normalise"),
-    8: (("linear_grad_sq_norms",), "ghost norms (stretch)", "linear_grad_sq_norms or per_layer_norms_eq"),
+EXERCISES = {  # number: (the functions the student writes, what they compute); check N: test_exercise_N_*
+    1: (("token_logps", "completion_mean", "mean_nll"), "token log-probs and the mean NLL"),
+    2: (("grad_norms",), "norms by torch.func"), 3: (("vigor_scores",), "the sqrt(T) score"),
+    4: (("rank_rewards",), "rank rewards with ties"), 5: (("group_advantages",), "group advantages"),
+    6: (("grpo_token_loss",), "the clipped GRPO loss with the k3 KL"),
+    7: (("normalised_loss",), "the loss normalisations (stretch)"),
+    8: (("linear_grad_sq_norms",), "ghost norms (stretch)")}
+PART2 = {  # exercise: (run folder, the command that writes it, the study's gain: mean, sd of seeds 7-9)
+    9: ("gt", "python vigor.py --config tiny_configs/gt.yaml", 32.1, 4.9),
+    10: ("vigor", "python vigor.py", -0.1, 0.2),
+    11: ("random", "python vigor.py --config tiny_configs/random.yaml", 0.5, 0.6),
+    12: ("vigor_no_sqrt_t", "python vigor.py --config tiny_configs/no_sqrt_t.yaml", -0.7, 0.7),
+    14: ("sft", "python vigor.py --config tiny_configs/sft.yaml", 2.3, 1.2),
 }
+HANDOUT_END = "# " + "=" * 40 + " HANDOUT_END "  # test_vigor.py's exercise checks end at this line
 
 
 def blanked_source(source):
-    """vigor.py's source with the body of every exercise function replaced by a NotImplementedError that names
-    its exercise; the signature and the docstring (what it must return) stay."""
-    exercise_of = {name: n for n, (names, _, _) in EXERCISES.items() for name in names}
+    """vigor.py's source with the body of every exercise function (its comments included) replaced by a
+    NotImplementedError that names its exercise; the signature and the docstring (the contract) stay."""
+    exercise_of = {name: n for n, (names, _) in EXERCISES.items() for name in names}
     lines, cuts = source.splitlines(keepends=True), []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.FunctionDef) and node.name in exercise_of:
-            body = node.body[1:] if ast.get_docstring(node) else node.body
+            first = node.body[0].end_lineno + 1 if ast.get_docstring(node) else node.body[0].lineno
             text = f"exercise {exercise_of[node.name]}: write {node.name} (its docstring says what it does)"
-            cuts.append((body[0].lineno, node.end_lineno, " " * body[0].col_offset +
-                          f"raise NotImplementedError({text!r})\n"))
+            cuts.append((first, node.end_lineno, " " * node.body[0].col_offset +
+                         f"raise NotImplementedError({text!r})\n"))
     for start, end, stub in sorted(cuts, reverse=True):
         lines[start - 1:end] = [stub]
     return "".join(lines)
@@ -2251,47 +2114,94 @@ def blanked_source(source):
 
 def handout(argv):
     """python vigor.py handout DIR: a student copy of the repository in a new folder DIR: vigor.py with the
-    exercise functions left blank (`blanked_source`), test_vigor.py, requirements.txt, tiny_configs/, LICENSE
-    and a README of the exercises without their answers. This repository is the teacher's answer key."""
+    exercise functions left blank (`blanked_source`), the exercises' checks (test_vigor.py down to
+    HANDOUT_END), requirements.txt, tiny_configs/, LICENSE, exercise 15's script, the README's Exercises
+    section without its <details> blocks (answers, teacher's notes) and ANSWERS.md, the file to hand in."""
     if len(argv) != 1 or os.path.exists(argv[0]):
         raise ConfigError(f"python vigor.py handout DIR writes a new folder: DIR must not exist (got {argv})")
     out = argv[0]
-    os.makedirs(out)
-    for name in ("test_vigor.py", "requirements.txt", "LICENSE"):
-        shutil.copy(os.path.join(HERE, name), out)
+    os.makedirs(os.path.join(out, ".ci"))
+    for name in ("requirements.txt", "LICENSE", ".ci/real_signal_check", ".ci/smollm2.py"):
+        shutil.copy(os.path.join(HERE, name), os.path.join(out, name))
     shutil.copytree(os.path.join(HERE, "tiny_configs"), os.path.join(out, "tiny_configs"))
-    with open(os.path.join(out, "vigor.py"), "w") as f:
-        f.write(blanked_source(open(os.path.join(HERE, "vigor.py")).read()))
-    readme = open(os.path.join(HERE, "README.md")).read()
+    tests, readme = (open(os.path.join(HERE, name)).read() for name in ("test_vigor.py", "README.md"))
     section = re.search(r"\n## Exercises\n(.*?)(?=\n## )", readme, re.S)[1]
-    with open(os.path.join(out, "README.md"), "w") as f:  # the teacher's answers (<details> blocks) left out
-        f.write("# vigor.py: exercises\n" + re.sub(r"\n<details>.*?</details>\n", "\n", section, flags=re.S))
-    print(f"wrote the student copy to {out}: exercises {', '.join(map(str, EXERCISES))}")
+    task = re.sub(r"\n<details>.*?</details>\n", "\n", section, flags=re.S)
+    answers = "# Answers (name: )\n\n`python vigor.py check`, last line:\n\n`python vigor.py check runs`:\n\n"
+    answers += "".join(f"### {n}. {title.rstrip('.?')}\nYour numbers (those it quotes, from your runs):\n"
+                       "Your answer:\n\n" for n, title in re.findall(r"^(\d+)\. \*\*(.+?)\*\*", task, re.M))
+    for name, text in [("vigor.py", blanked_source(open(os.path.join(HERE, "vigor.py")).read())),
+                       ("test_vigor.py", tests[:tests.index(HANDOUT_END)]), ("ANSWERS.md", answers),
+                       ("README.md", "# vigor.py: exercises\n" + task)]:
+        write_text_atomically(os.path.join(out, name), text)
+    print(f"wrote the student copy to {out}: exercises {', '.join(map(str, EXERCISES))}; hand in ANSWERS.md")
 
 
 def check(argv):
-    """python vigor.py check [N]: exercise N's tests (every exercise's with no N) from test_vigor.py beside
-    this file, in one pytest process: a line per exercise, with N each failing case and its error."""
-    if argv and (len(argv) > 1 or not argv[0].isdigit() or int(argv[0]) not in EXERCISES):
-        raise ConfigError(f"usage: python vigor.py check [N], N one of {list(EXERCISES)}")
-    chosen = [int(argv[0])] if argv else list(EXERCISES)
-    words = {n: EXERCISES[n][2].split(" or ") for n in chosen}  # each -k expression is "name or name ..."
-    pytest = [sys.executable, "-m", "pytest", "-vv", "-rA", "--tb=no", "-p", "no:cacheprovider"]  # -vv: uncut
-    proc = subprocess.run(pytest + ["-k", " or ".join(w for n in chosen for w in words[n]), "test_vigor.py"],
-                          cwd=HERE, capture_output=True, text=True,
-                          env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    results = re.findall(r"^(PASSED|FAILED|ERROR) test_vigor.py::(test_\w+)(\S*)(.*)$", proc.stdout, re.M)
-    if not results:
+    """python vigor.py check [N] [--json]: exercise N's checks (every exercise's with no N), test_exercise_N_*
+    of test_vigor.py beside this file, in one pytest process: a line per exercise with each failing case's
+    message (in full with N), then `K of M exercises pass`; exit status 1 unless all pass. --json prints one
+    JSON object instead: exercises (number, title, functions, passed, cases: test, passed, message or null),
+    passed, total. `python vigor.py check runs`: Part 2's runs (`check_runs`)."""
+    if argv[:1] == ["runs"]:
+        return check_runs(argv[1:])
+    as_json, rest = "--json" in argv, [a for a in argv if a != "--json"]
+    if len(rest) > 1 or rest and (not rest[0].isdigit() or int(rest[0]) not in EXERCISES):
+        raise ConfigError(f"usage: python vigor.py check [N] [--json] | check runs (N: {list(EXERCISES)})")
+    chosen = [int(rest[0])] if rest else list(EXERCISES)
+    with tempfile.TemporaryDirectory() as tmp:  # pytest's JUnit XML: each case, its failure's message
+        xml, k = os.path.join(tmp, "report.xml"), " or ".join(f"test_exercise_{n}_" for n in chosen)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"--junitxml={xml}", "-k", k, "test_vigor.py"], cwd=HERE, capture_output=True,
+                              text=True, env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        cases = list(ElementTree.parse(xml).getroot().iter("testcase")) if os.path.isfile(xml) else []
+    if not cases:
         raise ConfigError(f"check: pytest ran no test\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    failed = {n: [r for r in results if r[0] != "PASSED" and any(w in r[1] for w in words[n])]
-              for n in chosen}
-    for n in chosen:
-        names, what, _ = EXERCISES[n]
-        print(f"exercise {n} ({what}: {', '.join(names)}): {'FAIL' if failed[n] else 'pass'}")
-        for status, name, case, why in failed[n] if argv else []:
-            print(f"  {status} {name}{case}{why}")
-    if any(failed.values()):
+
+    def said(failure):  # the report's "E" lines (pytest cuts a long message attribute short)
+        lines = (failure.text or "").splitlines()
+        return "\n".join(re.sub(r"^E {1,7}", "", x) for x in lines if x[:2] == "E ") or failure.get("message")
+    found = [(case.get("name"), next((said(f) for f in case if f.tag in ("failure", "error")), None))
+             for case in cases]  # a case named test_vigor: the checks did not import, every exercise fails
+    report = [{"number": n, "title": EXERCISES[n][1], "functions": list(EXERCISES[n][0]), "cases": [
+        {"test": name, "passed": why is None, "message": why} for name, why in found
+        if name.startswith((f"test_exercise_{n}_", "test_vigor"))]} for n in chosen]
+    for r in report:
+        r["passed"] = all(c["passed"] for c in r["cases"])
+    passed = sum(r["passed"] for r in report)
+    if as_json:
+        print(json.dumps({"exercises": report, "passed": passed, "total": len(report)}, indent=2))
+    for r in [] if as_json else report:
+        print(f"exercise {r['number']} ({r['title']}: {', '.join(r['functions'])}): "
+              + ("pass" if r["passed"] else "FAIL"))
+        for c in [c for c in r["cases"] if not c["passed"]]:
+            message = c["message"] if rest else c["message"].split("\n")[0]  # all of it for one exercise
+            print(f"  {c['test']}: " + message.replace("\n", "\n    "))
+    if not as_json:
+        print(f"{passed} of {len(report)} exercises pass")
+    if passed < len(report):
         sys.exit(1)
+
+
+def check_runs(argv):
+    """python vigor.py check runs [--out_dir DIR]: each Part 2 run's gain (its final greedy accuracy on test
+    minus its starting model's, points) against the study's seeds on the shipped model: inside their spread
+    when within 2 sd of their mean (at least 1 point). A guide, not a grade: one seed can land outside."""
+    out_dir = parse_command_line(argv, "python vigor.py check runs", Config)[0].out_dir
+    rows = []
+    for n, (name, command, mean, sd) in PART2.items():
+        path = os.path.join(out_dir, name, "metrics.jsonl")
+        log = read_jsonl(path) if os.path.isfile(path) else []
+        if not log or not log[-1].get("final"):
+            rows.append((n, name, "-", f"{mean:+.1f} ± {sd:.1f}", f"missing or unfinished: run `{command}`"))
+            continue
+        gain = 100 * (log[-1]["eval/test/accuracy"] - log[0]["eval/test/accuracy"])
+        verdict = "inside" if abs(gain - mean) <= max(2 * sd, 1.0) else "OUTSIDE: check its settings, code"
+        rows.append((n, name, f"{gain:+.1f}", f"{mean:+.1f} ± {sd:.1f}", verdict))
+    print_table(f"Part 2's runs in {out_dir}: greedy gain on test, points (the study: mean ± sd over seeds "
+                "7, 8, 9; inside = within 2 sd, at least 1 point)",
+                ["exercise", "run", "your gain", "the study's", "verdict"], rows)
+    return rows
 
 
 def warmstart(argv):
@@ -2319,8 +2229,7 @@ def warmstart(argv):
 
 COMMANDS = {"length-bias": lambda dirs: [length_bias(d) for d in dirs],
             "rank-table": lambda dirs: [rank_correctness(d) for d in dirs],
-            "plot": plot, "study": study, "signal": signal, "warmstart": warmstart, "handout": handout,
-            "check": check}
+            "study": study, "signal": signal, "warmstart": warmstart, "handout": handout, "check": check}
 
 
 def main(argv=None):
