@@ -1331,16 +1331,16 @@ def test_length_bias_is_measured_within_groups(tmp_path):
     assert all(r[3] == pytest.approx(1.0) for r in table) and table[0][2] > 1 > table[1][2]
 
 
-def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
+def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys, monkeypatch):
     """A two-point lr grid: one row per (reward, lr), the ablations at the regime's own lr only, the claims
     judged at each lr. Run again, every finished run is reused (train is never called: same tables); a run
     stopped after its last checkpoint but before its final evaluation is resumed, alone."""
     sets = [{"path": "synthetic", "split": "test", "limit": 16}, {"path": "synthetic", "split": "validation", "limit": 8}]
     rows = "vigor,vigor_no_rank,self_certainty,gt,random"
-    vigor.main(["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3",
-                "--num_generations", "4", "--prompts_per_step", "4", "--max_completion_length", "12", "--rows", rows,
-                "--eval_samples", "2", "--eval_every", "1", "--eval_data", json.dumps(sets), "--lr", "1e-4",
-                "--lrs", "1e-4,5e-5"])
+    args = ["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3", "--num_generations", "4",
+            "--prompts_per_step", "4", "--max_completion_length", "12", "--rows", rows, "--eval_samples", "2",
+            "--eval_every", "1", "--eval_data", json.dumps(sets), "--lr", "1e-4", "--lrs", "1e-4,5e-5"]
+    vigor.main(args)
     printed = capsys.readouterr().out
     table = open(os.path.join(out_dir, "study.md")).read()
     for regime in ("base", "sft"):
@@ -1376,21 +1376,15 @@ def test_analyses_and_study_as_a_grid_of_learning_rates(out_dir, capsys):
         vigor.study(["--rows", "vigor,oracle"])
     with pytest.raises(vigor.ConfigError, match="--lrs takes comma-separated floats"):
         vigor.study(["--lrs", "1e-4,fast"])
-    args = ["study", "--seeds", "7", "--out_dir", out_dir, "--steps", "3", "--num_generations", "4",
-            "--prompts_per_step", "4", "--max_completion_length", "12", "--rows", rows, "--eval_samples", "2",
-            "--eval_every", "1", "--eval_data", json.dumps(sets), "--lr", "1e-4", "--lrs", "1e-4,5e-5"]
     trained, real = [], vigor.train
-    vigor.train = lambda cfg: trained.append(cfg.run_name) or real(cfg)
-    try:
-        vigor.main(args)
-        assert trained == [] and open(os.path.join(out_dir, "study.md")).read() == table
-        stopped = os.path.join(out_dir, "study-sft-random-lr5e-05-s7", "metrics.jsonl")
-        lines = open(stopped).readlines()
-        with open(stopped, "w") as f:
-            f.writelines(lines[:-1])  # the final evaluation's line: the run stopped after its last checkpoint
-        vigor.main(args)
-    finally:
-        vigor.train = real
+    monkeypatch.setattr(vigor, "train", lambda cfg: trained.append(cfg.run_name) or real(cfg))
+    vigor.main(args)
+    assert trained == [] and open(os.path.join(out_dir, "study.md")).read() == table
+    stopped = os.path.join(out_dir, "study-sft-random-lr5e-05-s7", "metrics.jsonl")
+    lines = open(stopped).readlines()
+    with open(stopped, "w") as f:
+        f.writelines(lines[:-1])  # the final evaluation's line: the run stopped after its last checkpoint
+    vigor.main(args)
     assert trained == ["study-sft-random-lr5e-05-s7"] and json.loads(open(stopped).readlines()[-1])["final"]
 
 

@@ -2167,7 +2167,7 @@ def check(argv):
         {"test": name, "passed": why is None, "message": why} for name, why in found
         if name.startswith((f"test_exercise_{n}_", "test_vigor"))]} for n in chosen]
     for r in report:
-        r["passed"] = all(c["passed"] for c in r["cases"])
+        r["passed"] = bool(r["cases"]) and all(c["passed"] for c in r["cases"])  # no case ran: no pass
     passed = sum(r["passed"] for r in report)
     if as_json:
         print(json.dumps({"exercises": report, "passed": passed, "total": len(report)}, indent=2))
