@@ -1980,8 +1980,9 @@ def signal(argv):
     report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(), "scores": {},
               "mixed_groups": int(((groups > 0) & (groups < G)).sum())}
     for name, score in scores.items():
-        gap, low, high = rank_gap(correct_by_rank(score, correct, G), settings.bootstrap, cfg.seed)
-        report["scores"][name] = {"accuracy_by_rank": correct_by_rank(score, correct, G).mean(0).tolist(),
+        by_rank = correct_by_rank(score, correct, G)  # [groups, G]
+        gap, low, high = rank_gap(by_rank, settings.bootstrap, cfg.seed)
+        report["scores"][name] = {"accuracy_by_rank": by_rank.mean(0).tolist(),
                                   "rank_1_minus_rank_G": gap, "interval_95": [low, high],
                                   "length_correlation": within_group_correlation(score, rollouts.lengths, G)}
     report["wall_s"] = time.time() - started
