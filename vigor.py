@@ -1973,9 +1973,12 @@ def signal(argv):
         policy.eval()
         rollouts = sample(cfg, policy, tok, prompts)
         correct = grade(rollouts, prompts, answers, cfg.answer_format)
-        # lora_r 0 in the copies: here lm_head is only a score, no frozen head is trained
-        scored = {name: compute_rewards(dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name]), policy,
-                                        rollouts) for name in names}
+        scored = {}
+        for name in names:  # lora_r 0 in the copies: here lm_head is only a score, no frozen head is trained
+            c = dataclasses.replace(cfg, lora_r=0, **SIGNAL_SCORES[name])
+            twin = scored.get({"vigor": "vigor_no_sqrt_t", "vigor_no_sqrt_t": "vigor"}.get(name))
+            scored[name] = ({"score": vigor_scores(twin["grad_norm"], rollouts.lengths, c.sqrt_t)} if twin
+                            else compute_rewards(c, policy, rollouts))  # vigor's twins share one gradient norm
     groups, scores = correct.view(-1, G).sum(1), {name: scored[name]["score"] for name in names}
     report = {"prompts": len(prompts), "G": G, "accuracy": correct.mean().item(), "scores": {},
               "mixed_groups": int(((groups > 0) & (groups < G)).sum())}
