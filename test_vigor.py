@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,8 +306,8 @@ QUICK = {"steps": 6, "prompts_per_step": 4, "num_generations": 4, "save_every": 
          "eval_data": [{"path": "synthetic", "split": "test", "answer_column": "answer", "limit": 16}]}
 TIMING = ("time/", "step_time", "gen/tokens_per_s")
 # .ci/run runs every test in a virtualenv made by the README's first command alone, then installs the optional
-# packages (trl) and runs these again: every test that skips without one is named here
-OPTIONAL_TESTS = "stock_trl or readme_trl"
+# packages (trl, reasoning-gym) and runs these again: every test that skips without one is named here
+OPTIONAL_TESTS = "stock_trl or readme_trl or real_signal_panel"
 
 
 @pytest.fixture(scope="session")
@@ -1404,7 +1405,7 @@ def test_ci_reruns_every_test_that_skips_without_an_optional_package():
     needs = [name for name, fn in globals().items() if name.startswith("test_") and
              name != "test_ci_reruns_every_test_that_skips_without_an_optional_package" and
              "pytest.importorskip(" in inspect.getsource(fn)]
-    assert len(needs) == 2 and all(any(w in name for w in OPTIONAL_TESTS.split(" or ")) for name in needs), needs
+    assert len(needs) == 3 and all(any(w in name for w in OPTIONAL_TESTS.split(" or ")) for name in needs), needs
     assert 'OPTIONAL_TESTS = "' in open(__file__).read() and "OPTIONAL_TESTS" in open(os.path.join(HERE, ".ci", "run")).read()
 
 
@@ -1465,6 +1466,57 @@ def test_signal_scores_are_compute_rewards_on_rollouts_sampled_once(monkeypatch,
         vigor.signal(signal_args(out_dir, scores="vigor,oracle"))
     with pytest.raises(vigor.DataError, match="set train_data.answer_column"):
         vigor.signal(signal_args(out_dir, train_data="{path: synthetic, answer_column: ''}"))
+
+
+def test_real_signal_panel_applies_its_rule_and_pools_groups(tmp_path):
+    """.ci/real_signal_panel's table from finished runs (STOP=table runs no panel task): the screen's range, its
+    one widening, chain_sum kept whatever its screen, prompts by the power rule, the order by mixed groups,
+    unfinished tasks listed, underpowered ones marked, and the pooled rank 1 - rank G over every task's groups
+    (each group's best and worst scored completion found here by argmax/argmin: no ties in these scores); the
+    record alone gives the same table once the run folders are gone."""
+    pytest.importorskip("reasoning_gym")
+    screens = {"basic_arithmetic": (0.0, 0), "chain_sum": (0.01, 1), "count_bits": (0.3, 8), "gcd": (0.5, 5),
+               "decimal_arithmetic": (0.0, 0), "decimal_chain_sum": (0.03, 2), "gsm_symbolic": (0.0, 0),
+               "lcm": (0.7, 4), "leg_counting": (0.1, 3), "number_format": (0.9, 2), "products": (0.05, 3)}
+    gen, names, gaps = torch.Generator().manual_seed(0), list(vigor.SIGNAL_SCORES), {n: [] for n in vigor.SIGNAL_SCORES}
+
+    def fake_run(name, report, rows=()):
+        os.makedirs(tmp_path / "runs" / f"signal-{name}")
+        for file, text in (("signal.json", json.dumps(report)), ("cost.json", '{"wall_s": 90, "peak_rss_gb": 2.5}'),
+                           ("completions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))):
+            (tmp_path / "runs" / f"signal-{name}" / file).write_text(text)
+    for task, (accuracy, mixed) in screens.items():
+        fake_run(f"screen-{task}", {"prompts": 16, "accuracy": accuracy, "mixed_groups": mixed, "scores": {}})
+    for task, groups, intervals in (("count_bits", 40, [0.05, 0.3]), ("gcd", 12, [-0.4, -0.1])):
+        correct, scores = torch.rand(groups, 8, generator=gen) < 0.4, {n: torch.rand(groups, 8, generator=gen) for n in names}
+        for n in names:
+            gaps[n] += [float(c[s.argmax()]) - float(c[s.argmin()]) for c, s in zip(correct, scores[n])]
+        rows = [{"correct": float(correct[g, i]), **{n: scores[n][g, i].item() for n in names}}
+                for g in range(groups) for i in range(8)]
+        fake_run(f"panel-{task}", {"prompts": groups, "accuracy": 0.4, "mixed_groups": groups, "scores": {
+            n: {"rank_1_minus_rank_G": 0.1, "interval_95": intervals} for n in names}}, rows)
+    env = {**os.environ, "STOP": "table", "RECORD": str(tmp_path / "record.json"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    subprocess.run(["bash", os.path.join(HERE, ".ci", "real_signal_panel"), str(tmp_path)], env=env, check=True)
+    table = (tmp_path / "panel.md").read_text()
+    assert "11 of 18 arithmetic tasks have plain-number answers; range 2%-80% keeps 7" in table  # 4 < 6: widened
+    assert "screened out: basic_arithmetic 0.0%, decimal_arithmetic 0.0%, gsm_symbolic 0.0%, number_format 90.0%" in table
+    tasks = [line.split(" | ")[0][2:] for line in table.splitlines()[4:11]]
+    assert tasks == ["count_bits", "gcd", "lcm", "leg_counting", "products", "decimal_chain_sum", "chain_sum"]
+    assert "| lcm | 70.0% / 4 | 128 | not run |" in table and "| gcd | 50.0% / 5 | 12 | 40.0% | 12 (underpowered) |" in table
+    assert "| count_bits | 30.0% / 8 | 40 | 40.0% | 40 | +10.0 [+5.0, +30.0]" in table and "1.5 min, 2.5 GB |" in table
+    assert "| chain_sum | 1.0% / 1 | 128 | not run |" in table and "| products | 5.0% / 3 | 128 | not run |" in table
+    for n in names:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {n} | 1 above zero, 1 below, 0 include it"))
+        low, high = map(float, re.search(r"\[([-+\d.]+), ([-+\d.]+)\]", row).groups())
+        assert f"{100 * sum(gaps[n]) / 52:+.1f} [" in row and low < 100 * sum(gaps[n]) / 52 < high, row
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted([f"signal-screen-{t}" for t in screens] +
+                                                           ["signal-panel-count_bits", "signal-panel-gcd"])
+    record = json.loads((tmp_path / "record.json").read_text())  # the runs' numbers, kept: the same table
+    assert record["panel-gcd"]["scores"]["vigor"]["per_group"] == gaps["vigor"][40:] and len(record) == 13
+    shutil.rmtree(tmp_path / "runs")
+    subprocess.run(["bash", os.path.join(HERE, ".ci", "real_signal_panel"), str(tmp_path)], env=env, check=True)
+    assert (tmp_path / "panel.md").read_text() == table
 
 
 def tiny_shipped():
