@@ -1486,14 +1486,14 @@ def test_real_signal_panel_applies_its_rule_and_pools_groups(tmp_path):
                            ("completions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))):
             (tmp_path / "runs" / f"signal-{name}" / file).write_text(text)
     for task, (accuracy, mixed) in screens.items():
-        fake_run(f"screen-{task}", {"prompts": 16, "accuracy": accuracy, "mixed_groups": mixed, "scores": {}})
+        fake_run(f"screen-{task}", {"prompts": 16, "G": 8, "accuracy": accuracy, "mixed_groups": mixed, "scores": {}})
     for task, groups, intervals in (("count_bits", 40, [0.05, 0.3]), ("gcd", 12, [-0.4, -0.1])):
         correct, scores = torch.rand(groups, 8, generator=gen) < 0.4, {n: torch.rand(groups, 8, generator=gen) for n in names}
         for n in names:
             gaps[n] += [float(c[s.argmax()]) - float(c[s.argmin()]) for c, s in zip(correct, scores[n])]
         rows = [{"correct": float(correct[g, i]), **{n: scores[n][g, i].item() for n in names}}
                 for g in range(groups) for i in range(8)]
-        fake_run(f"panel-{task}", {"prompts": groups, "accuracy": 0.4, "mixed_groups": groups, "scores": {
+        fake_run(f"panel-{task}", {"prompts": groups, "G": 8, "accuracy": 0.4, "mixed_groups": groups, "scores": {
             n: {"rank_1_minus_rank_G": 0.1, "interval_95": intervals} for n in names}}, rows)
     env = {**os.environ, "STOP": "table", "RECORD": str(tmp_path / "record.json"),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
