@@ -2420,4 +2420,8 @@ def test_every_run_summary_ends_with_one_group_of_its_last_logged_step(out_dir, 
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
-    one_step_worker(*sys.argv[2:4])
+    try:
+        one_step_worker(*sys.argv[2:4])
+    finally:  # gloo's threads outliving an undestroyed group can abort the exit (pytorch/pytorch#190489)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
